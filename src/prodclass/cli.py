@@ -1,0 +1,92 @@
+"""``prodclass`` command line: thin commands over the stage APIs (no logic lives here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn a product catalog into a trained, evaluated, servable image classifier.")
+
+DataRoot = typer.Option(None, "--data-root", envvar="PRODCLASS_DATA",
+                        help="Folder that relative data paths in the config point into [default: ./data].")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML run config, e.g. configs/abo-small.yaml"),
+    data_root: Optional[Path] = DataRoot,
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Parent of the run directory [config: output_dir]."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train and evaluate a classifier; print test accuracy, macro-F1 and the run directory."""
+    from .catalog import CatalogError
+    from .config import ConfigError, load_config, resolve_data_root
+    from .curation import CurationError
+    from .evaluate import format_table
+    from .preprocess import ImageError
+    from .backbones import WeightsError
+
+    try:
+        cfg = load_config(config, set_ + ([f"output_dir={output_dir}"] if output_dir else []))
+        root = resolve_data_root(data_root)
+        from .pipeline import run as run_pipeline
+
+        result = run_pipeline(cfg, root, progress=not quiet, echo=typer.echo)
+    except (ConfigError, CatalogError, CurationError, ImageError, WeightsError, KeyError) as e:
+        _fail(str(e).strip("'\""))
+    m = result.metrics
+    typer.echo("\nper-class (worst first):\n" + format_table(result.per_class))
+    typer.echo(
+        f"\ntest accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | top-5 {m.get('top5_accuracy', float('nan')):.4f}"
+        f" | {m['num_classes']} classes, {m['num_images']} images (test {m['n']})"
+        f" | {m['wall_seconds']:.0f}s\nrun directory: {result.run_dir}"
+    )
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`."),
+    images: List[Path] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image (JSON lines)."),
+) -> None:
+    """Print top-k labels with probabilities for images."""
+    from .predict import Predictor
+
+    try:
+        predictor = Predictor.from_run(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    for path, p in zip(images, predictor.predict([str(i) for i in images], top_k=top_k)):
+        if as_json:
+            typer.echo(json.dumps({"image": str(path), **p.to_dict()}))
+        elif p.error:
+            typer.echo(f"{path}: ERROR {p.error}")
+        else:
+            ranked = ", ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probs))
+            typer.echo(f"{path}: {ranked}" + ("  [abstain: send to review]" if p.abstain else ""))
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from .backbones import get_spec, list_backbones
+
+    for name in list_backbones():
+        s = get_spec(name)
+        typer.echo(f"{name}\t{s.timm_name}\tinput {s.preprocessing.input_size}px\tembedding {s.embed_dim}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,153 @@
+"""The one image-loading and preprocessing path, shared by training, evaluation, export and serving.
+
+:func:`load_image` turns a path, raw bytes or a PIL image into an RGB ``PIL.Image`` (alpha is
+composited on white, greyscale/CMYK/palette converted), raising :class:`ImageError` with the
+file name for anything that is not a readable image. :class:`Preprocessing` then resizes,
+center-crops and normalises it into a float32 ``(3, H, W)`` array, exactly as the backbone's
+ImageNet training did (for EfficientNet-Lite: RGB scaled to [-1, 1], i.e. mean = std = 0.5).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFile
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+# A decompression-bomb guard: 64 megapixels is far above any catalog photo (ABO full size is
+# at most 1024 px per side) yet keeps one decoded image under ~200 MB.
+MAX_PIXELS = 64_000_000
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+class ImageError(ValueError):
+    """An input that cannot be decoded as an image; the message names the file."""
+
+
+def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``src`` fully into an RGB image.
+
+    Args:
+        src: file path, the file's raw bytes, or a PIL image.
+        max_pixels: refuse images with more pixels than this (decompression bombs).
+
+    Returns:
+        An RGB ``PIL.Image`` (transparent pixels composited on white).
+
+    Raises:
+        ImageError: missing/empty/truncated/non-image file, or too many pixels.
+    """
+    name = _name(src)
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        try:
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                if len(src) == 0:
+                    raise ImageError(f"{name}: empty file (0 bytes)")
+                img = Image.open(io.BytesIO(src))
+            else:
+                if os.path.getsize(src) == 0:
+                    raise ImageError(f"{name}: empty file (0 bytes)")
+                img = Image.open(src)
+            if img.width * img.height > max_pixels:
+                raise ImageError(f"{name}: {img.width}x{img.height} has more than {max_pixels} pixels")
+            img.load()
+        except ImageError:
+            raise
+        except FileNotFoundError:
+            raise ImageError(f"{name}: file does not exist") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{name}: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: not a readable image ({e})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; alpha (RGBA, LA, palette transparency) goes onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize → center crop → scale to [0, 1] → normalise, as one serialisable object.
+
+    Attributes:
+        input_size: side of the square network input, pixels.
+        resize_size: the shorter side is resized to this before the center crop (equal to
+            ``input_size`` keeps the whole of a square product photo).
+        mean, std: per-channel RGB normalisation applied to [0, 1] pixels.
+        interpolation: ``bicubic`` (timm's default for EfficientNet), ``bilinear`` or ``nearest``.
+    """
+
+    input_size: int = 224
+    resize_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize_size`` and center-crop ``input_size``."""
+        w, h = img.size
+        scale = self.resize_size / min(w, h)
+        nw, nh = max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
+        left, top = (nw - self.input_size) // 2, (nh - self.input_size) // 2
+        if (nw, nh) != (self.input_size, self.input_size):
+            img = img.crop((left, top, left + self.input_size, top + self.input_size))
+        return img
+
+    def normalize(self, img: Image.Image) -> np.ndarray:
+        """RGB ``PIL.Image`` of size ``input_size`` → float32 array ``(3, H, W)``."""
+        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def __call__(self, src: ImageSource) -> np.ndarray:
+        """Load and preprocess one image: ``src`` → float32 ``(3, input_size, input_size)``.
+
+        Raises:
+            ImageError: as :func:`load_image`.
+        """
+        return self.normalize(self.resize_crop(load_image(src)))
+
+    def to_dict(self) -> dict:
+        """JSON-able form (stored in run directories and ONNX sidecars)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    def key(self) -> str:
+        """A stable string identifying this preprocessing (part of the embedding cache key)."""
+        return f"{self.input_size}-{self.resize_size}-{self.interpolation}-{self.mean}-{self.std}"
+
+
+def _name(src: ImageSource) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, Image.Image):
+        return getattr(src, "filename", "") or "<PIL image>"
+    return "<bytes>"
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never silently grey
