@@ -88,5 +88,38 @@ def backbones() -> None:
         typer.echo(f"{name}\t{s.timm_name}\tinput {s.preprocessing.input_size}px\tembedding {s.embed_dim}")
 
 
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`.")) -> None:
+    """Write the run's self-contained report.html and extend its metrics.json (ECE, ROC/PR AUC)."""
+    from .report import write_report
+
+    try:
+        m = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    ece = f"{m['ece_before']:.4f}"
+    if m["ece_after"] is not None:
+        ece += f" -> {m['ece_after']:.4f} (T = {m['temperature']:.3f})"
+    typer.echo(f"accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | ROC AUC macro {m['roc_auc_macro']:.4f}"
+               f" | ECE {ece}\nreport: {run_dir / 'report.html'}")
+
+
+@app.command()
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories to compare."),
+    output: List[Path] = typer.Option([], "--output", "-o", help="Also write the table: .md or .csv (repeatable)."),
+) -> None:
+    """Print a Markdown table of the headline test metrics of several runs."""
+    from .report import compare_runs, markdown_table, write_comparison
+
+    try:
+        table = compare_runs(run_dirs)
+        for path in output:
+            write_comparison(table, path)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(markdown_table(table), nl=False)
+
+
 if __name__ == "__main__":
     app()

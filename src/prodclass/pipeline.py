@@ -113,6 +113,13 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
     write_json(run_dir / "metrics.json", metrics)
+    from .calibration import calibrate_run
+    from .report import write_report
+
+    cal = calibrate_run(run_dir)  # calibration.json: temperature fitted on validation NLL
+    metrics = write_report(run_dir)  # report.html; metrics.json gains ECE before/after, ROC/PR AUC
+    echo(f"calibration: T = {cal['temperature']:.3f}, test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}"
+         + (f" (warning: {cal['warning']})" if cal["warning"] else "") + f" | report: {run_dir / 'report.html'}")
     return RunResult(run_dir=run_dir, metrics=metrics, per_class=per_class)
 
 

@@ -1,0 +1,137 @@
+"""Calibration: expected calibration error and temperature scaling.
+
+ECE is the equal-width, 15-bin, top-label expected calibration error of Guo, Pleiss, Sun and
+Weinberger, "On Calibration of Modern Neural Networks" (ICML 2017, eq. 3): predictions are
+binned by their top-1 confidence into ``((m-1)/M, m/M]`` and
+``ECE = Σ_m |B_m|/n · |acc(B_m) − conf(B_m)|``.
+
+Temperature scaling (same paper, §4.2) divides all logits by one scalar ``T > 0`` fitted by
+minimising the negative log-likelihood on the validation split; it never changes the argmax, so
+accuracy is unchanged. :func:`calibrate_run` fits it for a run directory and writes
+``calibration.json``, which :class:`prodclass.predict.Predictor` applies at prediction time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+from .io import write_json
+
+N_BINS = 15
+T_BOUNDS = (0.05, 20.0)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """float ``(N, C)`` logits → ``(N, C)`` probabilities of ``softmax(logits / temperature)``."""
+    return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature, axis=1))
+
+
+def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood (nats) of int ``(N,)`` labels under ``softmax(logits / T)``."""
+    lp = log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    return float(-lp[np.arange(len(y_true)), y_true].mean())
+
+
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Top-label reliability statistics over equal-width confidence bins ``((m-1)/M, m/M]``.
+
+    Args:
+        probs: float ``(N, C)`` class probabilities. y_true: int ``(N,)`` class ids.
+        n_bins: M (15 as in Guo et al. 2017).
+
+    Returns:
+        ``{"edges": (M+1,), "count": (M,) int, "confidence": (M,), "accuracy": (M,)}`` — mean
+        top-1 confidence and accuracy per bin (NaN for empty bins).
+    """
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    if probs.ndim != 2 or len(probs) != len(y_true):
+        raise ValueError(f"probs must be (N, C) matching y_true (N,), got {probs.shape} and {y_true.shape}")
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == y_true).astype(np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.searchsorted(edges[1:-1], conf, side="left")  # right-closed bins, as sklearn's calibration_curve
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        mean_acc = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": mean_acc}
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Top-label ECE in [0, 1] (Guo et al. 2017, eq. 3) of ``(N, C)`` probabilities vs ``(N,)`` labels."""
+    b = reliability_bins(probs, y_true, n_bins)
+    nz = b["count"] > 0
+    return float(np.sum(b["count"][nz] * np.abs(b["accuracy"][nz] - b["confidence"][nz])) / b["count"].sum())
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float, float] = T_BOUNDS) -> float:
+    """Temperature minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017, §4.2).
+
+    Bounded scalar minimisation (scipy, Brent) over ``log T`` in ``log(bounds)``; NLL is convex
+    in ``1/T``, so the minimum is unique.
+
+    Args:
+        logits: float ``(N, C)`` validation logits. y_true: int ``(N,)`` validation class ids.
+
+    Returns:
+        T in ``bounds`` (> 1 softens over-confident logits, < 1 sharpens).
+
+    Raises:
+        ValueError: empty or mismatched inputs.
+    """
+    logits, y_true = np.asarray(logits, np.float64), np.asarray(y_true, np.int64)
+    if logits.ndim != 2 or len(logits) == 0 or len(logits) != len(y_true):
+        raise ValueError(f"need (N, C) logits and (N,) labels with N > 0, got {logits.shape} and {y_true.shape}")
+    res = minimize_scalar(lambda lt: nll(logits, y_true, np.exp(lt)), bounds=np.log(bounds),
+                          method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
+    """Fit the temperature on ``predictions_val.parquet`` and write ``calibration.json``.
+
+    Returns (and writes) ``{"temperature", "warning", "split", "n", "ece_before", "ece_after",
+    "nll_before", "nll_after", "n_bins", "method", "val": {...}}``. Top-level ECE/NLL are measured
+    on the held-out test split (``predictions_test.parquet``; the validation split when there is
+    none, ``split`` says which); ``val`` holds the same figures on the split T was fitted on.
+    ``warning``: None, or why T is unreliable (a validation split the model gets entirely right
+    has no NLL minimum: it falls towards 0 as T → 0; or T ended at a bound of :data:`T_BOUNDS`).
+
+    Raises:
+        FileNotFoundError: the run has no ``predictions_val.parquet``.
+    """
+    from .pipeline import load_predictions
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "predictions_val.parquet").is_file():
+        raise FileNotFoundError(f"{run_dir / 'predictions_val.parquet'}: missing; calibration needs validation logits")
+    t_val, z_val = load_predictions(run_dir, "val")
+    y_val = t_val["y_true"].to_numpy(np.int64)
+    temp = fit_temperature(z_val, y_val)
+
+    def figures(z, y):
+        return {"n": int(len(y)),
+                "ece_before": expected_calibration_error(softmax(z), y, n_bins),
+                "ece_after": expected_calibration_error(softmax(z, temp), y, n_bins),
+                "nll_before": nll(z, y), "nll_after": nll(z, y, temp)}
+
+    val = figures(z_val, y_val)
+    warning = None
+    if (z_val.argmax(1) == y_val).all():
+        warning = ("every validation image is classified correctly, so the validation NLL keeps falling as T -> 0 "
+                   "and T only stopped at the search bound: too few or too easy validation images to calibrate")
+    elif np.abs(np.log(temp / np.array(T_BOUNDS))).min() < 0.05:
+        warning = f"T = {temp:.3g} is at a bound of the search range {T_BOUNDS}"
+    out = {"temperature": temp, "warning": warning, "split": "val", **val}
+    if (run_dir / "predictions_test.parquet").is_file():
+        t_te, z_te = load_predictions(run_dir, "test")
+        out.update(figures(z_te, t_te["y_true"].to_numpy(np.int64)), split="test")
+    out.update(n_bins=n_bins, val=val,
+               method="temperature scaling fitted by minimising validation NLL (Guo et al. 2017); "
+                      f"ECE: {n_bins} equal-width bins, top-label")
+    write_json(run_dir / "calibration.json", out)
+    return out
