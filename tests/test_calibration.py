@@ -106,7 +106,8 @@ def test_calibrate_run_warns_when_validation_is_all_correct(tiny_run, tmp_path):
     t["y_true"] = [int(np.argmax(z)) for z in t["logits"]]  # every validation prediction right
     t.to_parquet(run / "predictions_val.parquet")
     cal = calibrate_run(run)
-    assert "every validation image" in cal["warning"] and cal["temperature"] < 0.06
+    assert "every validation image" in cal["warning"] and cal["temperature"] == 1.0
+    assert cal["ece_after"] == cal["ece_before"]
 
 
 def test_fit_temperature_rejects_empty_input():
@@ -119,15 +120,20 @@ def test_calibrate_run_writes_calibration_json_the_predictor_reads(tiny_run, tmp
     from prodclass.pipeline import load_predictions
     from prodclass.predict import Predictor
 
+    import pandas as pd
+
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "calibration.json").unlink()
+    t = pd.read_parquet(run / "predictions_val.parquet")
+    t.loc[0, "y_true"] = (int(np.argmax(t.loc[0, "logits"])) + 1) % len(t.loc[0, "logits"])  # one mistake
+    t.to_parquet(run / "predictions_val.parquet")
     cal = calibrate_run(run)
     on_disk = json.loads((run / "calibration.json").read_text())
     assert on_disk["temperature"] == cal["temperature"] and on_disk["val"] == cal["val"] and cal["split"] == "test"
     t, z = load_predictions(run, "val")
     assert cal["temperature"] == pytest.approx(fit_temperature(z, t["y_true"].to_numpy()))
     assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-12
-    assert {"ece_before", "ece_after", "n_bins", "warning"} <= set(cal)
+    assert {"ece_before", "ece_after", "n_bins"} <= set(cal) and cal["warning"] is None
     assert Predictor.from_run(run).temperature == pytest.approx(cal["temperature"])
 
 

@@ -98,8 +98,9 @@ def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
     "nll_before", "nll_after", "n_bins", "method", "val": {...}}``. Top-level ECE/NLL are measured
     on the held-out test split (``predictions_test.parquet``; the validation split when there is
     none, ``split`` says which); ``val`` holds the same figures on the split T was fitted on.
-    ``warning``: None, or why T is unreliable (a validation split the model gets entirely right
-    has no NLL minimum: it falls towards 0 as T → 0; or T ended at a bound of :data:`T_BOUNDS`).
+    ``warning``: None, or why T is unreliable: a validation split the model gets entirely right
+    has no NLL minimum (it falls towards 0 as T → 0), so T = 1 is kept; or T ended at a bound of
+    :data:`T_BOUNDS`.
 
     Raises:
         FileNotFoundError: the run has no ``predictions_val.parquet``.
@@ -111,7 +112,9 @@ def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
         raise FileNotFoundError(f"{run_dir / 'predictions_val.parquet'}: missing; calibration needs validation logits")
     t_val, z_val = load_predictions(run_dir, "val")
     y_val = t_val["y_true"].to_numpy(np.int64)
-    temp = fit_temperature(z_val, y_val)
+    # every validation image right: the NLL keeps falling as T -> 0 and has no minimiser; keep T = 1
+    all_right = bool((z_val.argmax(1) == y_val).all())
+    temp = 1.0 if all_right else fit_temperature(z_val, y_val)
 
     def figures(z, y):
         return {"n": int(len(y)),
@@ -121,9 +124,9 @@ def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
 
     val = figures(z_val, y_val)
     warning = None
-    if (z_val.argmax(1) == y_val).all():
-        warning = ("every validation image is classified correctly, so the validation NLL keeps falling as T -> 0 "
-                   "and T only stopped at the search bound: too few or too easy validation images to calibrate")
+    if all_right:
+        warning = ("every validation image is classified correctly, so the validation NLL has no minimum "
+                   "(it falls as T -> 0); T = 1 kept: too few or too easy validation images to calibrate")
     elif np.abs(np.log(temp / np.array(T_BOUNDS))).min() < 0.05:
         warning = f"T = {temp:.3g} is at a bound of the search range {T_BOUNDS}"
     out = {"temperature": temp, "warning": warning, "split": "val", **val}
