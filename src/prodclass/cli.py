@@ -121,5 +121,45 @@ def compare(
     typer.echo(markdown_table(table), nl=False)
 
 
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port"),
+    max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body, MiB [16]."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest image, width x height [64e6]."),
+    max_files: Optional[int] = typer.Option(None, "--max-files", help="Most images in one request [16]."),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnx, onnx-int8 or auto (onnx when exported)."),
+) -> None:
+    """REST API: POST /v1/predict, GET /v1/model, GET /health; OpenAPI docs at /docs."""
+    from .serve import serve as run_server
+
+    limits = {"max_body_bytes": None if max_body_mb is None else int(max_body_mb * 1024 * 1024),
+              "max_pixels": max_pixels, "max_files": max_files}
+    try:
+        run_server(run_dir, host=host, port=port, backend=backend,
+                   **{k: v for k, v in limits.items() if v is not None})
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def demo(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(7860, "--port"),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnx, onnx-int8 or auto (onnx when exported)."),
+) -> None:
+    """Web demo (Gradio): upload or take a product photo, see the top-5 product types."""
+    try:
+        from .demo import launch_demo
+    except ImportError as e:
+        _fail(f"the demo needs gradio ({e}): pip install 'prodclass[demo]'")
+    try:
+        launch_demo(run_dir, host=host, port=port, backend=backend)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 if __name__ == "__main__":
     app()
