@@ -42,3 +42,16 @@ def test_resize_crop_normalise():
     assert x.shape == (3, 8, 8) and x.dtype == np.float32
     np.testing.assert_allclose(x[:, 4, 4], [1.0, -1.0, 128 / 255 * 2 - 1], atol=1e-2)
     assert Preprocessing.from_dict(p.to_dict()) == p
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with EXIF Orientation=6 (rotate 90° CW) comes out upright."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # red on the stored left half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    up = load_image(buf.getvalue())
+    assert up.size == (20, 40)
+    assert up.getpixel((10, 5))[0] > 200  # stored left is now the top

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -39,7 +39,8 @@ def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
         max_pixels: refuse images with more pixels than this (decompression bombs).
 
     Returns:
-        An RGB ``PIL.Image`` (transparent pixels composited on white).
+        An RGB ``PIL.Image``, upright per its EXIF orientation (phone photos), transparent
+        pixels composited on white.
 
     Raises:
         ImageError: missing/empty/truncated/non-image file, or too many pixels.
@@ -68,7 +69,7 @@ def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageError(f"{name}: {e}") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: not a readable image ({e})") from None
-    return to_rgb(img)
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -139,7 +140,8 @@ class Preprocessing:
 
     def key(self) -> str:
         """A stable string identifying this preprocessing (part of the embedding cache key)."""
-        return f"{self.input_size}-{self.resize_size}-{self.interpolation}-{self.mean}-{self.std}"
+        # "exif": images are rotated upright by their EXIF orientation before resizing
+        return f"exif-{self.input_size}-{self.resize_size}-{self.interpolation}-{self.mean}-{self.std}"
 
 
 def _name(src: ImageSource) -> str:
