@@ -57,18 +57,36 @@ def run(
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`."),
-    images: List[Path] = typer.Argument(..., help="Image files."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders, glob patterns or catalog tables (.csv/.tsv/.parquet)."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image (JSON lines)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write all predictions here (.csv/.jsonl/.parquet); resumable."),
+    review_out: Optional[Path] = typer.Option(None, "--review-out", help="With --out: also write the rows that abstain or failed here."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Catalog column holding image paths (default: first of image_path, image, image_name, path, file, filename)."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Folder that relative catalog paths point into (default: the catalog's folder)."),
+    backend: str = typer.Option("auto", "--backend", help="torch, onnx (the run's model.onnx), onnx-int8 or auto (onnx if exported)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    chunk_size: int = typer.Option(512, "--chunk-size", min=1, help="Images per resumable chunk."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Print top-k labels with probabilities for images."""
+    """Top-k labels with probabilities: printed, or written to a file with --out (batched, resumable)."""
+    from .batch import expand_inputs, predict_to_file
     from .predict import Predictor
 
+    if review_out and not out:
+        _fail("--review-out needs --out")
     try:
-        predictor = Predictor.from_run(run_dir)
+        images = expand_inputs(inputs, image_column=image_column, image_dir=image_dir)
+        predictor = Predictor.from_run(run_dir, backend=backend)
+        if out:
+            s = predict_to_file(predictor, images, out, review_out, top_k=top_k, batch_size=batch_size,
+                                chunk_size=chunk_size, progress=not quiet, echo=lambda m: typer.echo(m, err=True))
+            typer.echo(f"{s['n']} images: {s['predicted']} predicted, {s['abstained']} abstain, {s['errors']} errors"
+                       f" ({s['images_per_s']} img/s) -> {out}" + (f"; review: {s['review']['rows']} rows -> {review_out}" if review_out else ""))
+            return
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    for path, p in zip(images, predictor.predict([str(i) for i in images], top_k=top_k)):
+    for path, p in zip(images, predictor.iter_predict(images, top_k=top_k, batch_size=batch_size)):
         if as_json:
             typer.echo(json.dumps({"image": str(path), **p.to_dict()}))
         elif p.error:
@@ -76,6 +94,28 @@ def predict(
         else:
             ranked = ", ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probs))
             typer.echo(f"{path}: {ranked}" + ("  [abstain: send to review]" if p.abstain else ""))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`."),
+    opset: int = typer.Option(17, "--opset", min=11),
+    int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static INT8; faster, not exact)."),
+) -> None:
+    """Write model.onnx (+ model.onnx.json sidecar) into the run directory, checked against torch."""
+    from .export import ExportError, export_onnx
+
+    try:
+        s = export_onnx(run_dir, opset=opset, int8=int8)
+    except (FileNotFoundError, ValueError, ExportError) as e:
+        _fail(str(e))
+    par = s["parity"]
+    typer.echo(f"{run_dir / 'model.onnx'}: opset {opset}, max |p_onnx - p_torch| {par['max_abs_diff']:.1e}, "
+               f"top-1 agreement {par['top1_agree']:.3f} on {par['n']} images")
+    if int8:
+        q = s["int8"]
+        typer.echo(f"{run_dir / q['file']}: test accuracy {q['test_accuracy_int8']:.4f} (float {q['test_accuracy_fp32']:.4f}), "
+                   f"top-1 agreement {q['top1_agree']:.3f} on {q['test_n']} images")
 
 
 @app.command()

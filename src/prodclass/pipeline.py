@@ -120,6 +120,15 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     metrics = write_report(run_dir)  # report.html; metrics.json gains ECE before/after, ROC/PR AUC
     echo(f"calibration: T = {cal['temperature']:.3f}, test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}"
          + (f" (warning: {cal['warning']})" if cal["warning"] else "") + f" | report: {run_dir / 'report.html'}")
+    from .abstention import DEFAULT_TARGET_PRECISION, fit_abstention
+
+    # abstention.json: threshold reaching the target precision on validation; test coverage/precision at it
+    abst = fit_abstention(run_dir, getattr(cfg.eval, "target_precision", DEFAULT_TARGET_PRECISION))
+    metrics["abstention"] = {"threshold": abst["threshold"], "target_precision": abst["target_precision"],
+                             "coverage": abst["test"]["coverage"], "precision": abst["test"]["precision"]}
+    write_json(run_dir / "metrics.json", metrics)
+    echo(f"abstention: threshold {abst['threshold']:.3f} for precision {abst['target_precision']:.2f} on val | "
+         f"test coverage {abst['test']['coverage']:.3f}, precision among accepted {abst['test']['precision'] or 0:.3f}")
     return RunResult(run_dir=run_dir, metrics=metrics, per_class=per_class)
 
 
