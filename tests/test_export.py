@@ -41,6 +41,8 @@ def test_parity_with_torch_on_real_images(exported):
     # dynamic batch: one image and an odd batch give the same rows
     np.testing.assert_allclose(onnx.predict_proba(x[:1]), p_onnx[:1], atol=1e-5)
     np.testing.assert_allclose(onnx.predict_proba(x[1:6]), p_onnx[1:6], atol=1e-5)
+    whole = onnx.backend.session.run(None, {"images": x})[0]  # the graph itself, all images in one call
+    np.testing.assert_allclose(whole, onnx.predict_logits(x), atol=1e-4)
     assert [p.labels for p in ref.predict(paths, top_k=3)] == [p.labels for p in onnx.predict(paths, top_k=3)]
 
 

@@ -92,16 +92,19 @@ class OnnxBackend:
     sequential execution, one intra-op thread per available core, no inter-op pool, and no
     spin-waiting: idle intra-op threads yield their core to the decoding threads and to other
     processes (``ort_options`` in ``benchmarks/results/inference.json`` compares the choices).
+    A batch runs ``micro_batch`` images at a time: EfficientNet-Lite0's early activations for 4
+    images (~6 MB) stay in the caches where 32 images' (~50 MB) do not, ~1.3x more images/s.
 
     Args:
         path: the ``.onnx`` file, or the serialised model's bytes.
         threads: intra-op threads (default: the cores this process may use).
         spin: let idle intra-op threads spin-wait (lower latency on an otherwise idle machine).
+        micro_batch: most images per ``session.run`` call.
     """
 
     name = "onnx"
 
-    def __init__(self, path: str | Path | bytes, threads: int | None = None, spin: bool = False):
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, spin: bool = False, micro_batch: int = 4):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -113,9 +116,13 @@ class OnnxBackend:
         model = path if isinstance(path, bytes) else str(path)
         self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.micro_batch = micro_batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+        x = np.ascontiguousarray(batch, np.float32)
+        outs = [self.session.run(None, {self.input_name: x[i:i + self.micro_batch]})[0]
+                for i in range(0, len(x), self.micro_batch)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
 
 class Predictor:
