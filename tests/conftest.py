@@ -10,7 +10,7 @@ SHARED_DATA_REASON = "needs ../shared/data (set PRODCLASS_DATA)"
 
 def _data_root() -> Path:
     env = os.environ.get("PRODCLASS_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
