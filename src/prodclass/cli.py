@@ -23,11 +23,14 @@ def _fail(msg: str) -> None:
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="YAML run config, e.g. configs/abo-small.yaml"),
+    config: Optional[Path] = typer.Argument(None, help="YAML run config, e.g. configs/abo-small.yaml (omit with --resume)"),
     data_root: Optional[Path] = DataRoot,
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Parent of the run directory [config: output_dir]."),
     set_: List[str] = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR",
+                                          help="Continue a killed run in RUN_DIR (its config.yaml, split and checkpoint)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Fine-tuning device: cpu, cuda or auto [config: finetune.device]."),
 ) -> None:
     """Train and evaluate a classifier; print test accuracy, macro-F1 and the run directory."""
     from .catalog import CatalogError
@@ -37,13 +40,16 @@ def run(
     from .preprocess import ImageError
     from .backbones import WeightsError
 
+    if (config is None) == (resume is None):
+        _fail("give a CONFIG file or --resume RUN_DIR (one of them)")
     try:
-        cfg = load_config(config, set_ + ([f"output_dir={output_dir}"] if output_dir else []))
+        cfg = load_config(config or resume / "config.yaml", set_ + ([f"output_dir={output_dir}"] if output_dir else [])
+                          + ([f"finetune.device={device}"] if device else []))
         root = resolve_data_root(data_root)
         from .pipeline import run as run_pipeline
 
-        result = run_pipeline(cfg, root, progress=not quiet, echo=typer.echo)
-    except (ConfigError, CatalogError, CurationError, ImageError, WeightsError, KeyError) as e:
+        result = run_pipeline(cfg, root, run_dir=resume, resume=resume is not None, progress=not quiet, echo=typer.echo)
+    except (ConfigError, CatalogError, CurationError, ImageError, WeightsError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
     m = result.metrics
     typer.echo("\nper-class (worst first):\n" + format_table(result.per_class))

@@ -95,6 +95,62 @@ class EmbedConfig(_Strict):
 
 class EvalConfig(_Strict):
     top_k: int = Field(5, ge=1)
+    target_precision: float = Field(
+        0.95, gt=0, le=1, description="abstention: precision among accepted predictions the threshold aims at (on val)"
+    )
+
+
+class AugmentConfig(_Strict):
+    """Training-time image augmentations (stage 2 only; evaluation, export and serving use none).
+
+    The reference projects' set: random resized crop, horizontal flip, small rotation, colour
+    jitter. Parameters are drawn from a NumPy generator seeded by (seed, epoch or view, image), so
+    an augmented view is reproducible and independent of worker/thread order.
+    """
+
+    crop_scale: tuple[float, float] = Field((0.5, 1.0), description="random resized crop: area fraction range; (1, 1) = off")
+    crop_ratio: tuple[float, float] = Field((0.75, 1.3333), description="random resized crop: aspect ratio range")
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    rotation: float = Field(10.0, ge=0, le=180, description="max rotation, degrees (uniform ±); 0 = off")
+    color_jitter: float = Field(0.2, ge=0, lt=1, description="brightness/contrast/saturation factor range 1±x; 0 = off")
+
+
+class FinetuneConfig(_Strict):
+    """Stage 2 of progressive fine-tuning (:mod:`prodclass.finetune`): unfreeze the last blocks.
+
+    Stage 1 is the head trained on cached embeddings (``train``); stage 2 starts from it and
+    trains the last ``unfreeze_blocks`` of ``Backbone.blocks`` plus the head on images.
+    """
+
+    enabled: bool = Field(False, description="run stage 2 after the head")
+    unfreeze_blocks: int = Field(3, ge=1, description="last N entries of Backbone.blocks to train (lite0 has 9)")
+    input_size: int | None = Field(None, ge=32, description="network input side, px (default: the backbone's); "
+                                   "used by the whole run and saved in model.pt")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(5e-4, gt=0, description="head learning rate (peak)")
+    backbone_lr: float = Field(2e-4, gt=0, description="learning rate of the unfrozen blocks (peak)")
+    weight_decay: float = Field(0.02, ge=0, description="AdamW decoupled decay (not on biases/BatchNorm)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_weighting: Literal["none", "balanced"] = Field("none", description="balanced: weighted cross-entropy")
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: class-balanced sampling")
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up (cosine/constant); onecycle's rising part")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null = off")
+    patience: int = Field(4, ge=1, description="early stopping on validation macro-F1, epochs")
+    ema_decay: float | None = Field(None, ge=0, lt=1, description="keep an exponential moving average of the "
+                                    "weights (per step), validate and select it; null = off")
+    bn_train: bool = Field(False, description="BatchNorm of unfrozen blocks in train mode (frozen blocks: always eval)")
+    feature_cache: bool = Field(True, description="run the frozen prefix once per view and train the tail on "
+                                "stored activations (fp16 under the cache dir)")
+    views: int = Field(4, ge=1, description="feature_cache: views per train image (view 0 unaugmented)")
+    prefix_engine: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="feature_cache: what runs the frozen prefix (auto: onnxruntime on CPU, torch on CUDA)")
+    channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for image decoding")
+    seed: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class RunConfig(_Strict):
@@ -108,6 +164,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @field_validator("name")
     @classmethod

@@ -28,7 +28,8 @@ class RunResult:
     per_class: pd.DataFrame
 
 
-def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: bool = True, echo=print) -> RunResult:
+def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: bool = True, echo=print,
+        resume: bool = False) -> RunResult:
     """Train and evaluate a classifier as ``cfg`` describes.
 
     Args:
@@ -37,6 +38,7 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
         run_dir: write here (default: a new ``cfg.output_dir/<name>-<timestamp>``).
         progress: show progress bars.
         echo: where one-line status messages go.
+        resume: continue the killed run in ``run_dir`` (its stored split and fine-tuning checkpoint).
 
     Returns:
         :class:`RunResult` with the run directory, test metrics and the per-class table.
@@ -47,7 +49,7 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     """
     from .backbones import create_backbone
     from .catalog import read_catalog
-    from .curation import curate
+    from .curation import Dataset, curate
     from .embeddings import EmbeddingCache, embed_images
     from .evaluate import classification_metrics, per_class_table, plot_confusion_matrix
     from .heads import Classifier, create_head
@@ -68,9 +70,13 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_config(cfg))
     write_versions(run_dir)
+    if resume and (run_dir / "dataset.parquet").is_file():  # --resume: the split the killed run stored
+        dataset = Dataset.load(run_dir)
     dataset.save(run_dir)
 
-    backbone = create_backbone(cfg.model.backbone, weights=cfg.model.weights)
+    from .finetune import run_preprocessing
+
+    backbone = create_backbone(cfg.model.backbone, weights=cfg.model.weights, preprocessing=run_preprocessing(cfg))
     cache = EmbeddingCache.for_backbone(resolve_cache_dir(cfg.embed.cache_dir), backbone, cfg.model.weights)
     paths = dataset.table["image_path"].tolist()
     emb, emb_stats = embed_images(paths, backbone, cache, batch_size=cfg.embed.batch_size, progress=progress)
@@ -83,6 +89,7 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     split = dataset.table["split"].to_numpy()
     y = dataset.labels()
     tr, va, te = (split == "train"), (split == "val"), (split == "test")
+    torch.manual_seed(cfg.train.seed)  # head initialisation is part of the seeded run
     head = create_head(cfg.model.head, backbone.embed_dim, len(dataset.classes), cfg.model.hidden_dim, cfg.model.dropout)
     t_train = time.perf_counter()
     history = train_head(head, emb[tr], y[tr], emb[va], y[va], cfg.train,
@@ -96,8 +103,19 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     save_model(run_dir, model, dataset.classes, head_cfg, extra={"epoch": best_epoch, "stage": "head"})
     (run_dir / "head_best.pt").unlink(missing_ok=True)
 
-    with torch.no_grad():
-        logits = {name: head(torch.from_numpy(emb[mask])).numpy() for name, mask in (("val", va), ("test", te))}
+    if cfg.finetune.enabled:  # stage 2 (prodclass.finetune): unfreeze the last blocks, train on images
+        from .finetune import finetune, predict_logits
+
+        ft = finetune(model, dataset, cfg, run_dir, resume=resume, progress=progress, echo=echo)
+        history, best_epoch = history + ft.history, ft.best_epoch
+        write_json(run_dir / "history.json", history)
+        save_model(run_dir, model, dataset.classes, head_cfg, extra={"epoch": best_epoch, "stage": "finetune"})
+        logits = {name: predict_logits(model, dataset.table.loc[mask, "image_path"].tolist(), device=ft.info["device"])
+                  for name, mask in (("val", va), ("test", te))}
+        (run_dir / "finetune_last.pt").unlink(missing_ok=True)
+    else:
+        with torch.no_grad():
+            logits = {name: head(torch.from_numpy(emb[mask])).numpy() for name, mask in (("val", va), ("test", te))}
     probs = torch.softmax(torch.from_numpy(logits["test"]), 1).numpy()
     metrics = classification_metrics(y[te], probs, dataset.classes, top_k=cfg.eval.top_k)
     per_class = per_class_table(y[te], probs.argmax(1), dataset.classes)
@@ -112,21 +130,23 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
         "embedding": emb_stats, "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
+    if cfg.finetune.enabled:
+        metrics["finetune"] = ft.info
     write_json(run_dir / "metrics.json", metrics)
     from .calibration import calibrate_run
     from .report import write_report
 
-    cal = calibrate_run(run_dir)  # calibration.json: temperature fitted on validation NLL
-    metrics = write_report(run_dir)  # report.html; metrics.json gains ECE before/after, ROC/PR AUC
-    echo(f"calibration: T = {cal['temperature']:.3f}, test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}"
-         + (f" (warning: {cal['warning']})" if cal["warning"] else "") + f" | report: {run_dir / 'report.html'}")
-    from .abstention import DEFAULT_TARGET_PRECISION, fit_abstention
+    from .abstention import fit_abstention
 
+    cal = calibrate_run(run_dir)  # calibration.json: temperature fitted on validation NLL
     # abstention.json: threshold reaching the target precision on validation; test coverage/precision at it
-    abst = fit_abstention(run_dir, getattr(cfg.eval, "target_precision", DEFAULT_TARGET_PRECISION))
+    abst = fit_abstention(run_dir, cfg.eval.target_precision)
     metrics["abstention"] = {"threshold": abst["threshold"], "target_precision": abst["target_precision"],
                              "coverage": abst["test"]["coverage"], "precision": abst["test"]["precision"]}
     write_json(run_dir / "metrics.json", metrics)
+    metrics = write_report(run_dir)  # report.html; metrics.json gains ECE before/after, ROC/PR AUC
+    echo(f"calibration: T = {cal['temperature']:.3f}, test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}"
+         + (f" (warning: {cal['warning']})" if cal["warning"] else "") + f" | report: {run_dir / 'report.html'}")
     echo(f"abstention: threshold {abst['threshold']:.3f} for precision {abst['target_precision']:.2f} on val | "
          f"test coverage {abst['test']['coverage']:.3f}, precision among accepted {abst['test']['precision'] or 0:.3f}")
     return RunResult(run_dir=run_dir, metrics=metrics, per_class=per_class)
