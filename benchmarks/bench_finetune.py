@@ -109,6 +109,7 @@ def speed() -> dict:
     from prodclass.backbones import create_backbone
     from prodclass.config import FinetuneConfig
     from prodclass.heads import Classifier, create_head
+    from prodclass.preprocess import Preprocessing
 
     torch.manual_seed(0)
     out = {"machine": _machine(), "note": "ms per image, batch 32, min of 3; CPU shared with other jobs", "rows": []}
@@ -119,7 +120,8 @@ def speed() -> dict:
         print(kw, flush=True)
 
     for size in (224, 192, 160):
-        model = Classifier(create_backbone("efficientnet_lite0"), create_head("mlp", 1280, 37)).eval()
+        prep = Preprocessing(input_size=size, resize_size=size)
+        model = Classifier(create_backbone("efficientnet_lite0", preprocessing=prep), create_head("mlp", 1280, 37)).eval()
         x = torch.randn(B, 3, size, size)
         k = ft.split_index(model, 3)
         # the frozen prefix (what the feature cache runs once per view)

@@ -361,3 +361,29 @@ def test_online_augmentation_path_trains_the_tail_only(tmp_path):
     assert all(torch.equal(p, after[n]) for n, p in frozen.items())  # blocks 0..5 and the stem never moved
     assert not torch.equal(head0, model.head.net[0].weight) and not torch.equal(conv_head0, model.backbone.model.conv_head.weight)
     assert (tmp_path / "run" / ft.CHECKPOINT).is_file() and not model.training
+
+
+def test_manifold_mixup_is_seeded_and_changes_the_update(tmp_path):
+    """finetune.mixup: the tail trains on convex mixes of its inputs; the same seed gives the same weights."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for c in range(2):
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{c}-{i}.png")
+            rows.append((str(tmp_path / f"{c}-{i}.png"), "ab"[c], "train" if i < 3 else "val"))
+    ds = Dataset(table=pd.DataFrame(rows, columns=["image_path", "label", "split"]), classes=["a", "b"],
+                 counts=pd.DataFrame())
+
+    def tuned(mixup: float, name: str) -> dict:
+        torch.manual_seed(0)
+        prep = Preprocessing(input_size=32, resize_size=32)
+        m = Classifier(create_backbone("efficientnet_lite0", preprocessing=prep), create_head("mlp", 1280, 2)).eval()
+        cfg = validate_config({"data": {"path": "x"}, "embed": {"cache_dir": str(tmp_path / "cache")},
+                               "finetune": {"enabled": True, "unfreeze_blocks": 2, "epochs": 1, "batch_size": 3,
+                                            "mixup": mixup, "ema_decay": None, "prefix_engine": "torch"}})
+        ft.finetune(m, ds, cfg, tmp_path / name, progress=False, echo=lambda *_: None)
+        return {n: p.detach().clone() for n, p in m.head.named_parameters()}
+
+    a, b, plain = tuned(0.4, "a"), tuned(0.4, "b"), tuned(0.0, "plain")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], plain[n]) for n in a)

@@ -132,18 +132,20 @@ class FinetuneConfig(_Strict):
     backbone_lr: float = Field(2e-4, gt=0, description="learning rate of the unfrozen blocks (peak)")
     weight_decay: float = Field(0.02, ge=0, description="AdamW decoupled decay (not on biases/BatchNorm)")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="manifold mixup at the split point (Verma et al. 2019): mix pairs of "
+                         "tail inputs and their losses with lambda ~ Beta(mixup, mixup); 0 = off")
     class_weighting: Literal["none", "balanced"] = Field("none", description="balanced: weighted cross-entropy")
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: class-balanced sampling")
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up (cosine/constant); onecycle's rising part")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null = off")
-    patience: int = Field(4, ge=1, description="early stopping on validation macro-F1, epochs")
-    ema_decay: float | None = Field(None, ge=0, lt=1, description="keep an exponential moving average of the "
+    patience: int = Field(5, ge=1, description="early stopping on validation macro-F1, epochs")
+    ema_decay: float | None = Field(0.995, ge=0, lt=1, description="keep an exponential moving average of the "
                                     "weights (per step), validate and select it; null = off")
     bn_train: bool = Field(False, description="BatchNorm of unfrozen blocks in train mode (frozen blocks: always eval)")
     feature_cache: bool = Field(True, description="run the frozen prefix once per view and train the tail on "
                                 "stored activations (fp16 under the cache dir)")
-    views: int = Field(4, ge=1, description="feature_cache: views per train image (view 0 unaugmented)")
+    views: int = Field(8, ge=1, description="feature_cache: views per train image (view 0 unaugmented)")
     prefix_engine: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="feature_cache: what runs the frozen prefix (auto: onnxruntime on CPU, torch on CUDA)")
     channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU)")
