@@ -12,10 +12,10 @@ The strategy of the reference projects (and of Lightning's ``BackboneFinetuning`
   augmented images with AdamW (``backbone_lr`` for the blocks, ``lr`` for the head; no decay
   on biases/BatchNorm), linear warm-up + cosine or one-cycle schedule stepped per batch,
   gradient clipping, label smoothing, optional manifold mixup at the split point (``mixup``),
-  dropout (the head's ``model.dropout`` and timm's 0.2 on
-  the pooled features), class-weighted loss and/or class-balanced sampling, an exponential
-  moving average of the weights (``ema_decay``; validated and kept instead of the raw weights,
-  as timm's training script does), and early stopping on validation macro-F1 (the best epoch's
+  dropout (the head's ``model.dropout`` and timm's 0.2 on the pooled features), class-weighted
+  loss and/or class-balanced sampling, an exponential moving average of the weights
+  (``ema_decay``; validated and kept instead of the raw weights, as timm's training script
+  does), and early stopping on validation macro-F1 (the best epoch's
   weights are kept). BatchNorm layers of frozen blocks always stay in eval mode — in train mode
   they would keep updating running statistics of layers whose weights are frozen, the known
   fine-tuning pitfall; those of the unfrozen blocks too unless ``bn_train``.
