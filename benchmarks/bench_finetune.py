@@ -105,10 +105,10 @@ def _time(fn, reps: int = 3) -> float:
 
 def speed() -> dict:
     """ms per image of the pieces of a stage-2 epoch, batch 32, min of 3 after a warm-up."""
-    from prodclass import finetune as ft
-    from prodclass.backbones import create_backbone
+    from prodclass.models import finetune as ft
+    from prodclass.features.backbones import create_backbone
     from prodclass.config import FinetuneConfig
-    from prodclass.heads import Classifier, create_head
+    from prodclass.models.heads import Classifier, create_head
     from prodclass.preprocess import Preprocessing
 
     torch.manual_seed(0)
@@ -180,10 +180,10 @@ def speed() -> dict:
 
 def tail_step(threads: int) -> float:
     """ms per image of one stage-2 step (last 3 blocks, 224 px, batch 32, channels-last), min of 5."""
-    from prodclass import finetune as ft
-    from prodclass.backbones import create_backbone
+    from prodclass.models import finetune as ft
+    from prodclass.features.backbones import create_backbone
     from prodclass.config import FinetuneConfig
-    from prodclass.heads import Classifier, create_head
+    from prodclass.models.heads import Classifier, create_head
 
     torch.set_num_threads(threads)
     m = Classifier(create_backbone("efficientnet_lite0"), create_head("mlp", 1280, 37)).eval()

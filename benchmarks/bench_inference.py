@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from prodclass.io import write_json  # noqa: E402
-from prodclass.predict import INT8_FILE, ONNX_FILE, Predictor, cpu_count  # noqa: E402
+from prodclass.serving.predictor import INT8_FILE, ONNX_FILE, Predictor, cpu_count  # noqa: E402
 
 SPINE_TORCH_IMG_S = 46.0  # the spine's embedding throughput (eager torch, batch 32, 2 threads), commit 8927bb3
 
@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     run_dir = Path(args.run_dir) if args.run_dir else max((ROOT / "runs").glob("abo-small-product-type-*"), key=os.path.getmtime)
     if not (run_dir / ONNX_FILE).is_file():
-        from prodclass.export import export_onnx
+        from prodclass.serving.export import export_onnx
 
         export_onnx(run_dir)
     t = pd.read_parquet(run_dir / "dataset.parquet")

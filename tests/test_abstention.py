@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prodclass.abstention import choose_threshold, confidence_and_correct, fit_abstention, selective_metrics
+from prodclass.evaluation.abstention import choose_threshold, confidence_and_correct, fit_abstention, selective_metrics
 
 
 def test_threshold_known_answer():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prodclass.backbones import WeightsError, create_backbone, get_spec, list_backbones, load_weights
+from prodclass.features.backbones import WeightsError, create_backbone, get_spec, list_backbones, load_weights
 
 # ImageNet-1k classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = set(range(281, 286))

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from prodclass.batch import expand_inputs, predict_to_file
-from prodclass.predict import Predictor
+from prodclass.serving.batch import expand_inputs, predict_to_file
+from prodclass.serving.predictor import Predictor
 
 pytestmark = pytest.mark.shared_data
 

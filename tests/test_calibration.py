@@ -8,7 +8,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import log_loss
 
-from prodclass.calibration import (calibrate_run, expected_calibration_error, fit_temperature, nll,
+from prodclass.evaluation.calibration import (calibrate_run, expected_calibration_error, fit_temperature, nll,
                                    reliability_bins, softmax)
 
 
@@ -118,7 +118,7 @@ def test_fit_temperature_rejects_empty_input():
 @pytest.mark.shared_data
 def test_calibrate_run_writes_calibration_json_the_predictor_reads(tiny_run, tmp_path):
     from prodclass.pipeline import load_predictions
-    from prodclass.predict import Predictor
+    from prodclass.serving.predictor import Predictor
 
     import pandas as pd
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from prodclass.config import CurationConfig, load_config
-from prodclass.curation import CurationError, Dataset, curate
+from prodclass.curate.rules import CurationError, Dataset, curate
 
 
 def _catalog(counts: dict[str, int]) -> pd.DataFrame:

@@ -13,9 +13,9 @@ import pytest
 gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install 'prodclass[demo]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
 
-from prodclass.demo import example_images, launch_demo, review_message  # noqa: E402
+from prodclass.serving.demo import example_images, launch_demo, review_message  # noqa: E402
 from prodclass.io import write_bytes  # noqa: E402
-from prodclass.predict import Predictor  # noqa: E402
+from prodclass.serving.predictor import Predictor  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 # Running as root on a closed network: no sandbox, no GPU, no background traffic of the browser's own.

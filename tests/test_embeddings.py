@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prodclass.backbones import create_backbone
-from prodclass.embeddings import EmbeddingCache, embed_images
+from prodclass.features.backbones import create_backbone
+from prodclass.features.embeddings import EmbeddingCache, embed_images
 from prodclass.preprocess import ImageError
 
 

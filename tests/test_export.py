@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prodclass.cli import app
-from prodclass.predict import Predictor
+from prodclass.serving.predictor import Predictor
 
 pytestmark = pytest.mark.shared_data
 
@@ -88,7 +88,7 @@ def test_export_of_a_folder_without_model_fails_in_one_line(tmp_path):
 
 
 def test_int8_export_records_its_accuracy(exported):
-    from prodclass.export import quantize_int8
+    from prodclass.serving.export import quantize_int8
 
     run, _ = exported
     info = quantize_int8(run, json.loads((run / "model.onnx.json").read_text()), calibration_images=32)

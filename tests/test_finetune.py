@@ -17,13 +17,13 @@ from PIL import Image
 from torch import nn
 
 from conftest import make_tiny_catalog, tiny_config
-from prodclass import finetune as ft
-from prodclass.augment import Augment, random_resized_crop_box
-from prodclass.backbones import create_backbone
+from prodclass.models import finetune as ft
+from prodclass.models.augment import Augment, random_resized_crop_box
+from prodclass.features.backbones import create_backbone
 from prodclass.config import AugmentConfig, FinetuneConfig, validate_config
-from prodclass.curation import Dataset
-from prodclass.data import ImageDataset
-from prodclass.heads import Classifier, create_head
+from prodclass.curate.rules import Dataset
+from prodclass.models.data import ImageDataset
+from prodclass.models.heads import Classifier, create_head
 from prodclass.preprocess import Preprocessing
 
 
@@ -284,7 +284,7 @@ def test_same_seed_same_metrics(ft_run, tmp_path, data_root):
 
 KILL_AFTER_FIRST_CHECKPOINT = textwrap.dedent("""
     import os, signal, sys
-    import prodclass.finetune as ft
+    import prodclass.models.finetune as ft
     save = ft.save_checkpoint
     def save_then_die(path, ckpt):
         save(path, ckpt)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from prodclass.pipeline import load_predictions
-from prodclass.predict import Prediction, Predictor
+from prodclass.serving.predictor import Prediction, Predictor
 
 pytestmark = pytest.mark.shared_data
 

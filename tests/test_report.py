@@ -10,8 +10,8 @@ import pytest
 from sklearn import metrics as skm
 from typer.testing import CliRunner
 
-from prodclass.calibration import expected_calibration_error, softmax
-from prodclass.report import (SECTIONS, compare_runs, confused_pairs, markdown_table, ovr_metrics,
+from prodclass.evaluation.calibration import expected_calibration_error, softmax
+from prodclass.evaluation.report import (SECTIONS, compare_runs, confused_pairs, markdown_table, ovr_metrics,
                               plot_training_curves, stage_spans, write_comparison, write_report)
 
 

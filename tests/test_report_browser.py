@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from prodclass.report import SECTIONS, write_report
+from prodclass.evaluation.report import SECTIONS, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.shared_data,

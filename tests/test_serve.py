@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from prodclass.io import read_json
-from prodclass.predict import Predictor
-from prodclass.serve import create_app
+from prodclass.serving.predictor import Predictor
+from prodclass.serving.api import create_app
 
 MAX_BODY, MAX_FILES, MAX_PIXELS = 300_000, 3, 1_000_000
 

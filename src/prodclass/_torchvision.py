@@ -7,7 +7,7 @@ import time in ``torchvision/_meta_registrations.py``, which registers fake (met
 torchvision::nms does not exist``. Defining those two operator schemas first lets the import
 succeed; the operators themselves stay unimplemented (prodclass never calls NMS).
 
-Import this module before anything that imports torchvision or timm; :mod:`prodclass.backbones`
+Import this module before anything that imports torchvision or timm; :mod:`prodclass.features.backbones`
 does so. It is idempotent and does nothing when the compiled ops did load.
 """
 

@@ -33,12 +33,12 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="Fine-tuning device: cpu, cuda or auto [config: finetune.device]."),
 ) -> None:
     """Train and evaluate a classifier; print test accuracy, macro-F1 and the run directory."""
-    from .catalog import CatalogError
-    from .config import ConfigError, load_config, resolve_data_root
-    from .curation import CurationError
-    from .evaluate import format_table
-    from .preprocess import ImageError
-    from .backbones import WeightsError
+    from prodclass.catalog import CatalogError
+    from prodclass.config import ConfigError, load_config, resolve_data_root
+    from prodclass.curate.rules import CurationError
+    from prodclass.evaluation.metrics import format_table
+    from prodclass.preprocess import ImageError
+    from prodclass.features.backbones import WeightsError
 
     if (config is None) == (resume is None):
         _fail("give a CONFIG file or --resume RUN_DIR (one of them)")
@@ -46,7 +46,7 @@ def run(
         cfg = load_config(config or resume / "config.yaml", set_ + ([f"output_dir={output_dir}"] if output_dir else [])
                           + ([f"finetune.device={device}"] if device else []))
         root = resolve_data_root(data_root)
-        from .pipeline import run as run_pipeline
+        from prodclass.pipeline import run as run_pipeline
 
         result = run_pipeline(cfg, root, run_dir=resume, resume=resume is not None, progress=not quiet, echo=typer.echo)
     except (ConfigError, CatalogError, CurationError, ImageError, WeightsError, KeyError, ValueError) as e:
@@ -76,8 +76,8 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Top-k labels with probabilities: printed, or written to a file with --out (batched, resumable)."""
-    from .batch import expand_inputs, predict_to_file
-    from .predict import Predictor
+    from prodclass.serving.batch import expand_inputs, predict_to_file
+    from prodclass.serving.predictor import Predictor
 
     if review_out and not out:
         _fail("--review-out needs --out")
@@ -109,7 +109,7 @@ def export(
     int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static INT8; faster, not exact)."),
 ) -> None:
     """Write model.onnx (+ model.onnx.json sidecar) into the run directory, checked against torch."""
-    from .export import ExportError, export_onnx
+    from prodclass.serving.export import ExportError, export_onnx
 
     try:
         s = export_onnx(run_dir, opset=opset, int8=int8)
@@ -127,7 +127,7 @@ def export(
 @app.command()
 def backbones() -> None:
     """List the registered backbones."""
-    from .backbones import get_spec, list_backbones
+    from prodclass.features.backbones import get_spec, list_backbones
 
     for name in list_backbones():
         s = get_spec(name)
@@ -137,7 +137,7 @@ def backbones() -> None:
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`.")) -> None:
     """Write the run's self-contained report.html and extend its metrics.json (ECE, ROC/PR AUC)."""
-    from .report import write_report
+    from prodclass.evaluation.report import write_report
 
     try:
         m = write_report(run_dir)
@@ -156,7 +156,7 @@ def compare(
     output: List[Path] = typer.Option([], "--output", "-o", help="Also write the table: .md or .csv (repeatable)."),
 ) -> None:
     """Print a Markdown table of the headline test metrics of several runs."""
-    from .report import compare_runs, markdown_table, write_comparison
+    from prodclass.evaluation.report import compare_runs, markdown_table, write_comparison
 
     try:
         table = compare_runs(run_dirs)
@@ -178,7 +178,7 @@ def serve(
     backend: str = typer.Option("torch", "--backend", help="torch, onnx, onnx-int8 or auto (onnx when exported)."),
 ) -> None:
     """REST API: POST /v1/predict, GET /v1/model, GET /health; OpenAPI docs at /docs."""
-    from .serve import serve as run_server
+    from prodclass.serving.api import serve as run_server
 
     limits = {"max_body_bytes": None if max_body_mb is None else int(max_body_mb * 1024 * 1024),
               "max_pixels": max_pixels, "max_files": max_files}
@@ -198,7 +198,7 @@ def demo(
 ) -> None:
     """Web demo (Gradio): upload or take a product photo, see the top-5 product types."""
     try:
-        from .demo import launch_demo
+        from prodclass.serving.demo import launch_demo
     except ImportError as e:
         _fail(f"the demo needs gradio ({e}): pip install 'prodclass[demo]'")
     try:

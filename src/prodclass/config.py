@@ -116,7 +116,7 @@ class AugmentConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    """Stage 2 of progressive fine-tuning (:mod:`prodclass.finetune`): unfreeze the last blocks.
+    """Stage 2 of progressive fine-tuning (:mod:`prodclass.models.finetune`): unfreeze the last blocks.
 
     Stage 1 is the head trained on cached embeddings (``train``); stage 2 starts from it and
     trains the last ``unfreeze_blocks`` of ``Backbone.blocks`` plus the head on images.

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import RunConfig, dump_config, resolve_cache_dir
-from .io import write_dataframe, write_json, write_text
+from prodclass.config import RunConfig, dump_config, resolve_cache_dir
+from prodclass.io import write_dataframe, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,17 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
         :class:`RunResult` with the run directory, test metrics and the per-class table.
 
     Raises:
-        prodclass.catalog.CatalogError, prodclass.curation.CurationError,
+        prodclass.catalog.CatalogError, prodclass.curate.rules.CurationError,
         prodclass.preprocess.ImageError: bad input (the message names file/row/class).
     """
-    from .backbones import create_backbone
-    from .catalog import read_catalog
-    from .curation import Dataset, curate
-    from .embeddings import EmbeddingCache, embed_images
-    from .evaluate import classification_metrics, per_class_table, plot_confusion_matrix
-    from .heads import Classifier, create_head
-    from .runs import new_run_dir, save_model, write_versions
-    from .train import train_head
+    from prodclass.features.backbones import create_backbone
+    from prodclass.catalog import read_catalog
+    from prodclass.curate.rules import Dataset, curate
+    from prodclass.features.embeddings import EmbeddingCache, embed_images
+    from prodclass.evaluation.metrics import classification_metrics, per_class_table, plot_confusion_matrix
+    from prodclass.models.heads import Classifier, create_head
+    from prodclass.runs import new_run_dir, save_model, write_versions
+    from prodclass.models.train import train_head
 
     t_start = time.perf_counter()
     if cfg.embed.num_threads:
@@ -74,7 +74,7 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
         dataset = Dataset.load(run_dir)
     dataset.save(run_dir)
 
-    from .finetune import run_preprocessing
+    from prodclass.models.finetune import run_preprocessing
 
     backbone = create_backbone(cfg.model.backbone, weights=cfg.model.weights, preprocessing=run_preprocessing(cfg))
     cache = EmbeddingCache.for_backbone(resolve_cache_dir(cfg.embed.cache_dir), backbone, cfg.model.weights)
@@ -103,8 +103,8 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     save_model(run_dir, model, dataset.classes, head_cfg, extra={"epoch": best_epoch, "stage": "head"})
     (run_dir / "head_best.pt").unlink(missing_ok=True)
 
-    if cfg.finetune.enabled:  # stage 2 (prodclass.finetune): unfreeze the last blocks, train on images
-        from .finetune import finetune, predict_logits
+    if cfg.finetune.enabled:  # stage 2 (prodclass.models.finetune): unfreeze the last blocks, train on images
+        from prodclass.models.finetune import finetune, predict_logits
 
         ft = finetune(model, dataset, cfg, run_dir, resume=resume, progress=progress, echo=echo)
         history, best_epoch = history + ft.history, ft.best_epoch
@@ -133,10 +133,10 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     if cfg.finetune.enabled:
         metrics["finetune"] = ft.info
     write_json(run_dir / "metrics.json", metrics)
-    from .calibration import calibrate_run
-    from .report import write_report
+    from prodclass.evaluation.calibration import calibrate_run
+    from prodclass.evaluation.report import write_report
 
-    from .abstention import fit_abstention
+    from prodclass.evaluation.abstention import fit_abstention
 
     cal = calibrate_run(run_dir)  # calibration.json: temperature fitted on validation NLL
     # abstention.json: threshold reaching the target precision on validation; test coverage/precision at it

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .io import read_json, save_torch, write_json
+from prodclass.io import read_json, save_torch, write_json
 
 MODEL_FILE = "model.pt"
 FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ def write_versions(run_dir: str | Path) -> None:
 
 
 def save_model(run_dir: str | Path, model, classes: list[str], head_cfg: dict, extra: dict | None = None) -> Path:
-    """Atomically write ``model.pt`` for a :class:`prodclass.heads.Classifier`.
+    """Atomically write ``model.pt`` for a :class:`prodclass.models.heads.Classifier`.
 
     Args:
         model: the Classifier (its whole state_dict is saved: ~18 MB for EfficientNet-Lite0).
@@ -100,9 +100,9 @@ def load_model(path: str | Path):
     Raises:
         FileNotFoundError: no model.pt there. ValueError: an unknown format version.
     """
-    from .backbones import create_backbone
-    from .heads import Classifier, create_head
-    from .preprocess import Preprocessing
+    from prodclass.features.backbones import create_backbone
+    from prodclass.models.heads import Classifier, create_head
+    from prodclass.preprocess import Preprocessing
 
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path

@@ -89,7 +89,7 @@ def read_catalog(data_cfg, data_root: Path) -> pd.DataFrame:
     Raises:
         CatalogError: as raised by the reader for ``data_cfg.source``.
     """
-    from ..config import resolve_data_path
+    from prodclass.config import resolve_data_path
 
     path = resolve_data_path(data_cfg.path, data_root)
     if data_cfg.source == "table":

@@ -23,8 +23,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ..config import resolve_cache_dir
-from ..io import file_sha1
+from prodclass.config import resolve_cache_dir
+from prodclass.io import file_sha1
 from . import CatalogError, validate_catalog
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -9,7 +9,7 @@ ROC/PR curves, reliability diagram, misclassified test images (most confident mi
 
 Metrics are scikit-learn's (``roc_curve``, ``precision_recall_curve``, ``roc_auc_score``,
 ``average_precision_score``, ``confusion_matrix``); ECE and temperature scaling come from
-:mod:`prodclass.calibration`. :func:`compare_runs` puts the headline metrics of several runs in
+:mod:`prodclass.evaluation.calibration`. :func:`compare_runs` puts the headline metrics of several runs in
 one table (``prodclass compare``).
 """
 
@@ -26,8 +26,8 @@ import pandas as pd
 import yaml
 from sklearn import metrics as skm
 
-from .calibration import N_BINS, expected_calibration_error, nll, reliability_bins, softmax
-from .io import read_json, write_dataframe, write_json, write_text
+from prodclass.evaluation.calibration import N_BINS, expected_calibration_error, nll, reliability_bins, softmax
+from prodclass.io import read_json, write_dataframe, write_json, write_text
 
 SECTIONS = {"dataset": "Dataset", "training": "Training curves", "metrics": "Overall metrics",
             "per-class": "Per-class results", "confusion": "Confusion matrix", "roc-pr": "ROC and PR curves",
@@ -241,7 +241,7 @@ def plot_reliability(y_true: np.ndarray, panels: list[tuple[str, np.ndarray]], n
 
 def thumbnail_uri(path: str | Path, size: int = 112, quality: int = 70) -> str | None:
     """A small JPEG ``data:`` URI of an image (longest side ``size`` px), or None if unreadable."""
-    from .preprocess import ImageError, load_image
+    from prodclass.preprocess import ImageError, load_image
 
     try:
         img = load_image(str(path))
@@ -372,7 +372,7 @@ def build_report(run_dir: str | Path, max_gallery: int = 60) -> tuple[str, dict]
 
     Returns:
         ``(html, metrics)``: the page, and ``metrics.json``'s content (its other keys kept) with the
-        headline metrics of :func:`prodclass.evaluate.classification_metrics` recomputed from
+        headline metrics of :func:`prodclass.evaluation.metrics.classification_metrics` recomputed from
         ``predictions_test.parquet`` (T = 1) and ``temperature, ece_before, ece_after,
         log_loss_calibrated, roc_auc_micro, roc_auc_macro, average_precision_micro,
         average_precision_macro`` added (None where the run has no ``calibration.json``).
@@ -380,8 +380,8 @@ def build_report(run_dir: str | Path, max_gallery: int = 60) -> tuple[str, dict]
     Raises:
         FileNotFoundError: a required file is missing (the message names it).
     """
-    from .evaluate import classification_metrics, per_class_table
-    from .pipeline import load_predictions
+    from prodclass.evaluation.metrics import classification_metrics, per_class_table
+    from prodclass.pipeline import load_predictions
 
     run_dir = Path(run_dir)
     for name in ("config.yaml", "class_map.json", "predictions_test.parquet"):

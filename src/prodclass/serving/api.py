@@ -1,4 +1,4 @@
-"""The REST API: a FastAPI app over one :class:`prodclass.predict.Predictor`, loaded once at start-up.
+"""The REST API: a FastAPI app over one :class:`prodclass.serving.predictor.Predictor`, loaded once at start-up.
 
 Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
@@ -38,8 +38,8 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from . import __version__
-from .preprocess import MAX_PIXELS
+from prodclass import __version__
+from prodclass.preprocess import MAX_PIXELS
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a 12-megapixel phone JPEG is 3-8 MB
@@ -73,7 +73,7 @@ class Health(BaseModel):
 
 def model_id(run_dir: str | Path) -> str:
     """``<run directory name>-<first 8 hex digits of the SHA-1 of model.pt>``."""
-    from .io import file_sha1
+    from prodclass.io import file_sha1
 
     run_dir = Path(run_dir)
     return f"{run_dir.resolve().name}-{file_sha1(run_dir / 'model.pt')[:8]}"
@@ -85,7 +85,7 @@ def model_info(run_dir: str | Path, predictor) -> dict:
     Only the scalar entries of metrics.json / calibration.json / abstention.json are returned
     (read with :func:`prodclass.runs.read_optional`; ``{}`` when a file is absent).
     """
-    from .runs import FORMAT_VERSION, read_optional
+    from prodclass.runs import FORMAT_VERSION, read_optional
 
     def scalars(d: dict, keys=None) -> dict:
         return {k: v for k, v in d.items() if (keys is None or k in keys) and isinstance(v, (int, float, str, bool))}
@@ -172,12 +172,12 @@ def create_app(run_dir: str | Path, predictor=None, max_body_bytes: int = MAX_BO
         max_files: most images in one request.
         workers: inferences running at the same time (each in a worker thread).
         backend: the Predictor's backend when it is loaded here (``torch``, ``onnx``, ``onnx-int8``
-            or ``auto``: see :meth:`prodclass.predict.Predictor.from_run`).
+            or ``auto``: see :meth:`prodclass.serving.predictor.Predictor.from_run`).
 
     Raises:
         FileNotFoundError, ValueError: not a loadable run directory.
     """
-    from .predict import Predictor
+    from prodclass.serving.predictor import Predictor
 
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.from_run(run_dir, backend=backend)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_json
+from prodclass.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def fit_abstention(run_dir: str | Path, target_precision: float = DEFAULT_TARGET
 
     Uses ``predictions_val.parquet`` and ``predictions_test.parquet`` and the temperature of
     ``calibration.json`` (1.0 when the run has none), so the threshold applies to the same
-    calibrated probabilities the :class:`prodclass.predict.Predictor` returns.
+    calibrated probabilities the :class:`prodclass.serving.predictor.Predictor` returns.
 
     Returns:
         The ``abstention.json`` content; ``test`` holds the test-split :func:`selective_metrics`
@@ -98,8 +98,8 @@ def fit_abstention(run_dir: str | Path, target_precision: float = DEFAULT_TARGET
     Raises:
         FileNotFoundError: the run has no validation/test predictions.
     """
-    from .pipeline import load_predictions
-    from .runs import read_optional
+    from prodclass.pipeline import load_predictions
+    from prodclass.runs import read_optional
 
     run_dir = Path(run_dir)
     temperature = float(read_optional(run_dir, "calibration.json").get("temperature", 1.0))

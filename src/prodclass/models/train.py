@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import TrainConfig
-from .io import save_torch
+from prodclass.config import TrainConfig
+from prodclass.io import save_torch
 
 log = logging.getLogger(__name__)
 

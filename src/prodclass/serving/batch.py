@@ -29,7 +29,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .io import read_json, write_dataframe, write_json, write_text
+from prodclass.io import read_json, write_dataframe, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _catalog_paths(path: Path, column: str | None, image_dir: str | Path | None)
 
 
 def predictions_table(images: Sequence[str], predictions: Sequence, top_k: int) -> pd.DataFrame:
-    """Rows for :class:`prodclass.predict.Prediction` s: ``image, label_1, prob_1, ..., abstain, error``
+    """Rows for :class:`prodclass.serving.predictor.Prediction` s: ``image, label_1, prob_1, ..., abstain, error``
     (labels/probs empty for error rows)."""
     rows = []
     for img, p in zip(images, predictions):
@@ -109,7 +109,7 @@ def predict_to_file(predictor, images: Sequence[str], out: str | Path, review_ou
     """Predict every image and write one row each to ``out``, resuming an interrupted job.
 
     Args:
-        predictor: a :class:`prodclass.predict.Predictor`.
+        predictor: a :class:`prodclass.serving.predictor.Predictor`.
         images: N image paths (see :func:`expand_inputs`); row i of ``out`` is ``images[i]``.
         out: ``.csv``, ``.jsonl`` or ``.parquet`` file.
         review_out: also write the rows that abstain or failed here (same columns + ``reason``),

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_json, write_bytes, write_json
-from .predict import INT8_FILE, ONNX_FILE, OnnxBackend, Predictor, sidecar_path
+from prodclass.io import read_json, write_bytes, write_json
+from prodclass.serving.predictor import INT8_FILE, ONNX_FILE, OnnxBackend, Predictor, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def export_onnx(run_dir: str | Path, opset: int = 17, parity_images: int = 32, i
     import onnx
     import torch
 
-    from .runs import load_model, read_optional
+    from prodclass.runs import load_model, read_optional
 
     run_dir = Path(run_dir)
     model, ckpt = load_model(run_dir)

@@ -15,8 +15,8 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .config import AugmentConfig
-from .preprocess import _RESAMPLE, Preprocessing
+from prodclass.config import AugmentConfig
+from prodclass.preprocess import _RESAMPLE, Preprocessing
 
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 WHITE = (255, 255, 255)  # catalog photos are shot on white: rotation corners are filled with it

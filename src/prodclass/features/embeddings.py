@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .io import file_sha1, write_bytes
+from prodclass.io import file_sha1, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class EmbeddingCache:
 
     @classmethod
     def for_backbone(cls, root: str | Path, backbone, weights_path: str | None = None) -> "EmbeddingCache":
-        """The cache for a :class:`prodclass.backbones.Backbone` (weights identified by file name,
+        """The cache for a :class:`prodclass.features.backbones.Backbone` (weights identified by file name,
         or by content hash for a user weights file)."""
         weights_id = file_sha1(weights_path) if weights_path else Path(backbone.spec.weights()).name
         return cls(root, backbone.name, weights_id, backbone.preprocessing.key())
@@ -82,7 +82,7 @@ def embed_images(
 
     Args:
         paths: N image files.
-        backbone: a :class:`prodclass.backbones.Backbone` (its preprocessing is used).
+        backbone: a :class:`prodclass.features.backbones.Backbone` (its preprocessing is used).
         cache: where embeddings are looked up and stored; ``None`` computes everything.
         batch_size: images per forward pass.
         flush_every: write a cache shard after this many new embeddings.

@@ -1,6 +1,6 @@
 """The web demo: upload a product photo or take one with the camera, see its top-5 product types.
 
-A Gradio app over one :class:`prodclass.predict.Predictor`: an image input (upload or webcam),
+A Gradio app over one :class:`prodclass.serving.predictor.Predictor`: an image input (upload or webcam),
 example images from the run's test split, the top-5 classes as confidence bars, and a
 "Not sure — send to review" message when the Predictor abstains (top-1 probability under the
 run's abstention threshold). It never phones home: analytics and the version check are off, no
@@ -53,8 +53,8 @@ def build_demo(run_dir: str | Path, predictor=None, examples: list[str] | None =
     Raises:
         FileNotFoundError, ValueError: not a loadable run directory.
     """
-    from .predict import Predictor
-    from .serve import model_id
+    from prodclass.serving.predictor import Predictor
+    from prodclass.serving.api import model_id
 
     predictor = predictor or Predictor.from_run(run_dir, backend=backend)
     mid = model_id(run_dir)

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import _torchvision  # noqa: F401  (must precede the timm import)
-from .preprocess import Preprocessing
+from prodclass import _torchvision  # noqa: F401  (must precede the timm import)
+from prodclass.preprocess import Preprocessing
 
 import timm  # noqa: E402
 

@@ -3,12 +3,12 @@
 The strategy of the reference projects (and of Lightning's ``BackboneFinetuning`` / fastai's
 ``fine_tune``), in one place:
 
-* **Stage 1 — head, backbone frozen.** :func:`prodclass.train.train_head` on cached embeddings:
+* **Stage 1 — head, backbone frozen.** :func:`prodclass.models.train.train_head` on cached embeddings:
   the backbone runs once per image in eval mode, so this *is* head training on a frozen
   backbone, only without recomputing it every epoch. The pipeline runs it; :func:`finetune`
   starts from its head.
 * **Stage 2 — unfreeze the last N blocks** (``finetune.unfreeze_blocks`` entries of
-  :attr:`prodclass.backbones.Backbone.blocks`, input-to-output), train them and the head on
+  :attr:`prodclass.features.backbones.Backbone.blocks`, input-to-output), train them and the head on
   augmented images with AdamW (``backbone_lr`` for the blocks, ``lr`` for the head; no decay
   on biases/BatchNorm), linear warm-up + cosine or one-cycle schedule stepped per batch,
   gradient clipping, label smoothing, optional manifold mixup at the split point (``mixup``),
@@ -28,7 +28,7 @@ The strategy of the reference projects (and of Lightning's ``BackboneFinetuning`
 **CPU practicality: the frozen-prefix feature cache** (``finetune.feature_cache``, default on).
 The frozen blocks are a fixed function, so their output for a given input never changes. Stage 2
 runs them once per *view* — view 0 the unaugmented image, views 1..K-1 random augmentations
-(:mod:`prodclass.augment`) — stores the activations (fp16 ``.npy`` memmap under
+(:mod:`prodclass.models.augment`) — stores the activations (fp16 ``.npy`` memmap under
 ``<cache>/features/``, keyed by backbone, weights, preprocessing, split point, augmentation,
 K, seed and image contents), and each epoch trains only the tail on one stored view per image
 (chosen at random). The prefix runs in onnxruntime (~2x eager torch on 2 cores). The trade-off:
@@ -64,10 +64,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .augment import Augment
-from .config import FinetuneConfig, RunConfig, resolve_cache_dir
-from .data import ImageDataset
-from .io import read_json, save_torch, write_json
+from prodclass.models.augment import Augment
+from prodclass.config import FinetuneConfig, RunConfig, resolve_cache_dir
+from prodclass.models.data import ImageDataset
+from prodclass.io import read_json, save_torch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def tail_forward(model, h: torch.Tensor, k: int) -> torch.Tensor:
 
 def materialize(model) -> None:
     """Replace inference tensors among ``model``'s parameters and buffers by ordinary copies (a
-    module converted inside ``torch.inference_mode``, as :func:`prodclass.embeddings.embed_images`
+    module converted inside ``torch.inference_mode``, as :func:`prodclass.features.embeddings.embed_images`
     does with ``channels_last``, cannot be trained otherwise)."""
     with torch.no_grad():
         for m in model.modules():
@@ -162,9 +162,9 @@ def set_train_mode(model, unfreeze_blocks: int, bn_train: bool = False) -> None:
 
 def make_criterion(dataset, cfg: FinetuneConfig) -> nn.CrossEntropyLoss:
     """Cross-entropy with label smoothing and, for ``class_weighting: balanced``, the weights of
-    :func:`prodclass.train.class_weights` computed from the **train split only** of ``dataset``
-    (a :class:`prodclass.curation.Dataset`)."""
-    from .train import class_weights
+    :func:`prodclass.models.train.class_weights` computed from the **train split only** of ``dataset``
+    (a :class:`prodclass.curate.rules.Dataset`)."""
+    from prodclass.models.train import class_weights
 
     weight = class_weights(dataset.labels("train"), len(dataset.classes)) if cfg.class_weighting == "balanced" else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
@@ -343,8 +343,8 @@ def feature_cache_key(model, k: int, cfg: FinetuneConfig, paths: Sequence[str], 
                       engine: str) -> str:
     """Folder name for stored activations: a hash of everything they depend on — backbone, weights,
     preprocessing, split point ``k``, engine, views, seed, augmentation — and the image *contents*."""
-    from .embeddings import EmbeddingCache
-    from .io import file_sha1
+    from prodclass.features.embeddings import EmbeddingCache
+    from prodclass.io import file_sha1
 
     emb_key = EmbeddingCache.for_backbone("", model.backbone, weights).dir.name  # backbone+weights+preprocessing
     h = hashlib.sha1(json.dumps({"backbone": emb_key, "k": k, "views": views, "engine": engine, "seed": cfg.seed,
@@ -409,9 +409,9 @@ def finetune(model, dataset, cfg: RunConfig, run_dir: str | Path, resume: bool =
     """Stage 2: unfreeze the last ``cfg.finetune.unfreeze_blocks`` blocks and train on images.
 
     Args:
-        model: a :class:`prodclass.heads.Classifier` whose head finished stage 1; trained in place
+        model: a :class:`prodclass.models.heads.Classifier` whose head finished stage 1; trained in place
             and left (on the CPU, eval mode) with the weights of the best validation macro-F1 epoch.
-        dataset: the run's :class:`prodclass.curation.Dataset` (train rows train, val rows select).
+        dataset: the run's :class:`prodclass.curate.rules.Dataset` (train rows train, val rows select).
         cfg: the resolved run config (``finetune`` section; ``embed.cache_dir``, ``model.weights``).
         run_dir: where ``finetune_last.pt`` is written after every epoch.
         resume: continue from ``run_dir/finetune_last.pt`` when it exists (else start over).
@@ -594,7 +594,7 @@ def run_preprocessing(cfg: RunConfig):
     all use one preprocessing."""
     import dataclasses
 
-    from .backbones import get_spec
+    from prodclass.features.backbones import get_spec
 
     if not (cfg.finetune.enabled and cfg.finetune.input_size):
         return None

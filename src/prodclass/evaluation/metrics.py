@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .io import save_figure
+from prodclass.io import save_figure
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5) -> dict:

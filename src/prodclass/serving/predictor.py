@@ -2,7 +2,7 @@
 
 One object serves the CLI, the REST API, the web demo and batch jobs. It needs only a run
 directory (``model.pt`` + optional ``calibration.json``/``abstention.json``) or an ONNX export
-with its JSON sidecar (``model.onnx`` + ``model.onnx.json``, written by :mod:`prodclass.export`).
+with its JSON sidecar (``model.onnx`` + ``model.onnx.json``, written by :mod:`prodclass.serving.export`).
 Two interchangeable backends turn a preprocessed float32 ``(B, 3, H, W)`` batch into ``(B, C)``
 logits: eager torch (:class:`TorchBackend`) and ONNX Runtime (:class:`OnnxBackend`, the fast
 one on CPU). Images are decoded and resized by :class:`prodclass.preprocess.Preprocessing` -- the
@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .preprocess import ImageError, ImageSource, Preprocessing
+from prodclass.preprocess import ImageError, ImageSource, Preprocessing
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -65,7 +65,7 @@ class TorchBackend:
     """Eager PyTorch: float32 ``(B, 3, H, W)`` ndarray → float32 ``(B, C)`` logits ndarray.
 
     The model runs in channels-last memory format (~1.7x faster on CPU, measured in
-    :mod:`prodclass.embeddings`) under ``torch.inference_mode``.
+    :mod:`prodclass.features.embeddings`) under ``torch.inference_mode``.
     """
 
     name = "torch"
@@ -168,7 +168,7 @@ class Predictor:
             FileNotFoundError: no ``model.pt`` (or ``model.onnx`` for ``backend="onnx"``).
             ValueError: unknown backend or model format.
         """
-        from .runs import read_optional
+        from prodclass.runs import read_optional
 
         run_dir = Path(run_dir)
         if backend == "auto":
@@ -183,7 +183,7 @@ class Predictor:
             return p
         if backend != "torch":
             raise ValueError(f"unknown backend {backend!r} (expected torch, onnx, onnx-int8 or auto)")
-        from .runs import load_model
+        from prodclass.runs import load_model
 
         model, ckpt = load_model(run_dir)
         return cls(TorchBackend(model, device), ckpt["classes"], model.backbone.preprocessing,
@@ -193,13 +193,13 @@ class Predictor:
     @classmethod
     def from_onnx(cls, path: str | Path, threads: int | None = None) -> "Predictor":
         """Load an ONNX export alone: ``path`` (``model.onnx``) and its sidecar ``model.onnx.json``
-        (classes, preprocessing, temperature, threshold; see :func:`prodclass.export.export_onnx`).
+        (classes, preprocessing, temperature, threshold; see :func:`prodclass.serving.export.export_onnx`).
 
         Raises:
             FileNotFoundError: the model or its sidecar is missing.
             ValueError: a sidecar of another format, or whose class count differs from the model's.
         """
-        from .io import read_json
+        from prodclass.io import read_json
 
         path = Path(path)
         if path.is_dir():

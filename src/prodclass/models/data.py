@@ -2,7 +2,7 @@
 
 Every image goes through the run's :class:`~prodclass.preprocess.Preprocessing` — the function
 evaluation, export and serving use. Without augmentation an item is exactly ``prep(path)``;
-with it, :class:`~prodclass.augment.Augment` replaces the resize/center-crop geometry and the
+with it, :class:`~prodclass.models.augment.Augment` replaces the resize/center-crop geometry and the
 result is normalised by the same ``prep.normalize``.
 """
 
@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .augment import Augment
-from .preprocess import Preprocessing, load_image
+from prodclass.models.augment import Augment
+from prodclass.preprocess import Preprocessing, load_image
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -8,7 +8,7 @@ binned by their top-1 confidence into ``((m-1)/M, m/M]`` and
 Temperature scaling (same paper, §4.2) divides all logits by one scalar ``T > 0`` fitted by
 minimising the negative log-likelihood on the validation split; it never changes the argmax, so
 accuracy is unchanged. :func:`calibrate_run` fits it for a run directory and writes
-``calibration.json``, which :class:`prodclass.predict.Predictor` applies at prediction time.
+``calibration.json``, which :class:`prodclass.serving.predictor.Predictor` applies at prediction time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from .io import write_json
+from prodclass.io import write_json
 
 N_BINS = 15
 T_BOUNDS = (0.05, 20.0)
@@ -105,7 +105,7 @@ def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
     Raises:
         FileNotFoundError: the run has no ``predictions_val.parquet``.
     """
-    from .pipeline import load_predictions
+    from prodclass.pipeline import load_predictions
 
     run_dir = Path(run_dir)
     if not (run_dir / "predictions_val.parquet").is_file():

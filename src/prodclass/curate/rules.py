@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import CurationConfig
-from .io import read_json, save_figure, write_dataframe, write_json
+from prodclass.config import CurationConfig
+from prodclass.io import read_json, save_figure, write_dataframe, write_json
 
 SPLITS = ("train", "val", "test")
 
