@@ -1,16 +1,70 @@
-"""Shared test fixtures: where the real data lives, and skipping ``shared_data`` tests without it."""
+"""Shared test fixtures: where the real data lives, and what happens when a test's requirement is absent.
+
+A test that needs something outside the venv says so declaratively:
+
+- ``@pytest.mark.shared_data``: the real data under ``../shared/data`` (or ``$PRODCLASS_DATA``);
+- ``@pytest.mark.system_package("chromium")``: a file a Debian package installs (the table
+  :data:`SYSTEM_PACKAGES`; ``.ci/system-packages.sh``, run by ``make setup``, installs them).
+
+Locally a missing requirement skips the test with the reason (and the install command). Under CI
+(``CI=true``, set by ``.ci/run``) it fails the test instead: CI must run every test.
+"""
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 SHARED_DATA_REASON = "needs ../shared/data (set PRODCLASS_DATA)"
 
+# Debian package -> the path the tests use from it. .ci/system-packages.sh checks the same paths.
+SYSTEM_PACKAGES = {
+    "chromium": Path("/usr/bin/chromium"),  # report.html and the Gradio demo in headless Chromium
+    "dataset-fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),  # the real IDX files
+}
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``), where a missing requirement fails instead of skipping."""
+    return os.environ.get("CI") == "true"
+
+
+def apt_install_command(*packages: str) -> str:
+    """The command that installs Debian ``packages`` (the one .ci/system-packages.sh prints)."""
+    return "sudo apt-get install -y --no-install-recommends " + " ".join(packages)
+
+
+def missing_requirement(reason: str) -> NoReturn:
+    """Skip the calling test with ``reason``; under CI (``CI=true``) fail it instead."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI=true: a missing requirement is a failure, not a skip]", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_system(package: str, path: str | Path | None = None) -> Path:
+    """``path`` (default: ``SYSTEM_PACKAGES[package]``) if present, else skip (fail under CI).
+
+    Present means executable for a file (``chromium``) and searchable for a directory.
+    """
+    path = Path(path) if path is not None else SYSTEM_PACKAGES[package]
+    if not os.access(path, os.X_OK):
+        missing_requirement(f"needs {path} from Debian's {package}: {apt_install_command(package)} "
+                            "(or `make setup` as root)")
+    return path
+
 
 def _data_root() -> Path:
     env = os.environ.get("PRODCLASS_DATA")
     return Path(env).resolve() if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def require_shared_data() -> Path:
+    """The real data root if it holds ``abo-small``, else skip (fail under CI)."""
+    root = _data_root()
+    if not (root / "abo-small").is_dir():
+        missing_requirement(f"{SHARED_DATA_REASON}; looked in {root}")
+    return root
 
 
 @pytest.fixture
@@ -19,13 +73,12 @@ def data_root() -> Path:
     return _data_root()
 
 
-def pytest_collection_modifyitems(config, items):
-    if (_data_root() / "abo-small").is_dir():
-        return
-    skip = pytest.mark.skip(reason=SHARED_DATA_REASON)
-    for item in items:
-        if "shared_data" in item.keywords:
-            item.add_marker(skip)
+@pytest.hookimpl(tryfirst=True)  # before any fixture (e.g. tiny_run) is set up
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("system_package"):
+        require_system(*mark.args, **mark.kwargs)
+    if item.get_closest_marker("shared_data") is not None:
+        require_shared_data()
 
 
 TINY_CLASSES = ("shoes", "chair", "rug", "suitcase", "light_bulb")
@@ -63,9 +116,7 @@ def tiny_run(tmp_path_factory) -> Path:
     Session-scoped and read-only by convention: tests that modify a run copy it first
     (``shutil.copytree(tiny_run, tmp_path / "run")``).
     """
-    root = _data_root()
-    if not (root / "abo-small").is_dir():
-        pytest.skip(SHARED_DATA_REASON)
+    root = require_shared_data()
     from prodclass.config import validate_config
     from prodclass.pipeline import run
 
