@@ -2,19 +2,16 @@
 see its product type and the review notice; nothing is fetched from outside 127.0.0.1."""
 
 import copy
-import os
 import shutil
 import socket
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from playwright import sync_api  # noqa: E402
 
-gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install 'prodclass[demo]')")
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright for Python")
-
-from prodclass.serving.demo import example_images, launch_demo, review_message  # noqa: E402
 from prodclass.io import write_bytes  # noqa: E402
+from prodclass.serving.demo import example_images, launch_demo, review_message  # noqa: E402
 from prodclass.serving.predictor import Predictor  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,7 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"needs Debian's chromium at {CHROMIUM}")
+@pytest.mark.system_package("chromium")
 def test_demo_in_chromium(tiny_run, tmp_path):
     predictor = copy.copy(Predictor.from_run(tiny_run))  # a copy: this test changes its threshold
     t = pd.read_parquet(tiny_run / "dataset.parquet")

@@ -55,3 +55,14 @@ def test_partial_progress_is_kept_when_a_bad_image_stops_the_pass(tmp_path, back
     with pytest.raises(ImageError, match=r"bad\.jpg: not a readable image"):
         embed_images(paths + [str(bad)], backbone, cache, batch_size=2, flush_every=2, progress=False)
     assert len(EmbeddingCache.for_backbone(tmp_path / "cache", backbone)) == 4  # flushed before the failure
+
+
+def test_embedding_leaves_the_backbone_as_it_was(tmp_path):
+    bb = create_backbone("efficientnet_lite0", pretrained=False).train()
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    embed_images(_images(tmp_path, 2), bb, None, progress=False)
+    w = bb.model.conv_stem.weight
+    assert bb.training and w.requires_grad and w.is_contiguous() and not w.is_inference()
+    assert all(v.dtype.is_floating_point is False or v.is_contiguous() for v in bb.state_dict().values())
+    after = bb.state_dict()
+    assert all(after[k].equal(v) for k, v in before.items())

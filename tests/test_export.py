@@ -84,7 +84,7 @@ def test_missing_or_foreign_sidecar(exported, tmp_path):
 
 def test_export_of_a_folder_without_model_fails_in_one_line(tmp_path):
     res = CliRunner().invoke(app, ["export", str(tmp_path)])
-    assert res.exit_code == 2 and "no model file" in res.output
+    assert res.exit_code == 2 and "model.json: missing" in res.output
 
 
 def test_int8_export_records_its_accuracy(exported):

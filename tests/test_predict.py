@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from prodclass.pipeline import load_predictions
+from prodclass.runs import RunDir, RunDirError
 from prodclass.serving.predictor import Prediction, Predictor
 
 pytestmark = pytest.mark.shared_data
@@ -21,8 +21,8 @@ def predictor(tiny_run):
 
 
 def test_logits_match_the_runs_stored_test_predictions(tiny_run, predictor):
-    # the stored logits come from the training path (embedding cache + head): same preprocessing, same numbers
-    table, logits = load_predictions(tiny_run, "test")
+    # the stored logits were computed by the same Predictor path during the run
+    table, logits = RunDir(tiny_run).read_predictions("test")
     x = np.stack([predictor.preprocessing(p) for p in table["image_path"]])
     np.testing.assert_allclose(predictor.predict_logits(x), logits, atol=1e-3)
     t = json.loads((tiny_run / "calibration.json").read_text())["temperature"] if (tiny_run / "calibration.json").is_file() else 1.0
@@ -76,5 +76,7 @@ def test_abstain_flag_follows_the_runs_threshold(tiny_run, tmp_path):
 def test_unknown_backend_and_missing_run(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="unknown backend"):
         Predictor.from_run(tiny_run, backend="tensorrt")
-    with pytest.raises(FileNotFoundError, match="no model file"):
+    with pytest.raises(RunDirError, match="model.json: missing"):
         Predictor.from_run(tmp_path)
+    with pytest.raises(RunDirError, match="not a run directory"):
+        Predictor.from_run(tmp_path / "nowhere")

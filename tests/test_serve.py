@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from prodclass.io import read_json
-from prodclass.serving.predictor import Predictor
 from prodclass.serving.api import create_app
+from prodclass.serving.predictor import Predictor
 
 MAX_BODY, MAX_FILES, MAX_PIXELS = 300_000, 3, 1_000_000
 
@@ -89,7 +89,7 @@ def test_model_info(client, tiny_run, predictor):
     assert info["metrics"]["accuracy"] == metrics["accuracy"] and info["metrics"]["n"] == metrics["n"]
     assert "embedding" not in info["metrics"]  # the summary, not the whole file
     assert info["threshold"] == predictor.threshold
-    assert info["version"]["prodclass"] and info["version"]["model_format"] == 1
+    assert info["version"]["prodclass"] and info["version"]["model_format"] == 2
     assert info["model_id"] == client.get("/health").json()["model_id"]
 
 
@@ -252,4 +252,4 @@ def test_cli_serve_refuses_a_non_run(tmp_path):
     from prodclass.cli import app
 
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", "1"])
-    assert r.exit_code == 2 and "no model file" in r.output
+    assert r.exit_code == 2 and "model.json: missing" in r.output

@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
+from prodclass.inference import TorchBackend, iter_outputs
 from prodclass.io import file_sha1, write_bytes
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class EmbeddingCache:
             for shard in sorted(self.dir.glob("shard-*.npz")):
                 try:
                     with np.load(shard) as z:
-                        self._store.update(zip(z["hashes"].tolist(), z["embeddings"]))
+                        self._store.update(zip(z["hashes"].tolist(), z["embeddings"], strict=True))
                 except Exception as e:  # a foreign/broken file must not stop a run
                     log.warning("ignoring unreadable cache shard %s: %s", shard, e)
         return self._store
@@ -65,10 +65,9 @@ class EmbeddingCache:
         buf = io.BytesIO()
         np.savez(buf, hashes=np.asarray(hashes), embeddings=np.asarray(embeddings, np.float32))
         write_bytes(self.dir / f"shard-{uuid.uuid4().hex}.npz", buf.getvalue())
-        self._load().update(zip(hashes, np.asarray(embeddings, np.float32)))
+        self._load().update(zip(hashes, np.asarray(embeddings, np.float32), strict=True))
 
 
-@torch.inference_mode()
 def embed_images(
     paths: Sequence[str],
     backbone,
@@ -79,6 +78,10 @@ def embed_images(
     hashes: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Embed image files, reusing and filling ``cache``.
+
+    The images the cache lacks go through :func:`prodclass.inference.iter_outputs` with a
+    :class:`~prodclass.inference.TorchBackend` of ``backbone`` (its own channels-last inference
+    copy: ``backbone`` itself is left as it was).
 
     Args:
         paths: N image files.
@@ -95,10 +98,6 @@ def embed_images(
     Raises:
         prodclass.preprocess.ImageError: a file that cannot be decoded (names the file).
     """
-    import time
-
-    from tqdm.auto import tqdm
-
     hashes = list(hashes) if hashes is not None else [file_sha1(p) for p in paths]
     out = np.zeros((len(paths), backbone.embed_dim), np.float32)
     todo = []
@@ -111,29 +110,28 @@ def embed_images(
     stats = {"images": len(paths), "cached": len(paths) - len(todo), "computed": len(todo)}
     t0 = time.perf_counter()
     if todo:
-        backbone.eval().to(memory_format=torch.channels_last)  # ~1.7x faster on CPU (measured)
-        prep = backbone.preprocessing
-        pending_h, pending_v = [], []
-        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        with ThreadPoolExecutor(max_workers=2) as pool, tqdm(
-            total=len(todo), desc=f"embedding ({backbone.name})", unit="img", disable=not progress
-        ) as bar:
-            # decode+resize the next batch on worker threads while the current one runs
-            futures = [pool.map(lambda i: prep(paths[i]), b) for b in batches[:2]]
-            for bi, batch in enumerate(batches):
-                x = torch.from_numpy(np.stack(list(futures[bi])))
-                if bi + 2 < len(batches):
-                    futures.append(pool.map(lambda i: prep(paths[i]), batches[bi + 2]))
-                emb = backbone(x.contiguous(memory_format=torch.channels_last)).float().numpy()
-                out[batch] = emb
-                pending_h += [hashes[i] for i in batch]
-                pending_v.append(emb)
-                if cache is not None and len(pending_h) >= flush_every:
-                    cache.put_many(pending_h, np.concatenate(pending_v))
-                    pending_h, pending_v = [], []
-                bar.update(len(batch))
-        if cache is not None and pending_h:
-            cache.put_many(pending_h, np.concatenate(pending_v))
+        _compute(backbone, [paths[i] for i in todo], [hashes[i] for i in todo], out, np.asarray(todo), cache,
+                 batch_size, flush_every, progress)
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     stats["images_per_s"] = round(len(todo) / stats["seconds"], 1) if todo and stats["seconds"] > 0 else None
     return out, stats
+
+
+def _compute(backbone, paths: list[str], hashes: list[str], out: np.ndarray, rows: np.ndarray,
+             cache: EmbeddingCache | None, batch_size: int, flush_every: int, progress: bool) -> None:
+    """Embed ``paths`` into ``out[rows]``, writing a cache shard every ``flush_every`` images."""
+    from tqdm.auto import tqdm
+
+    backend = TorchBackend(backbone)
+    pending_h, pending_v = [], []
+    with tqdm(total=len(paths), desc=f"embedding ({backbone.name})", unit="img", disable=not progress) as bar:
+        for batch in iter_outputs(backend, paths, backbone.preprocessing, batch_size, workers=2, strict=True):
+            out[rows[batch.index]] = batch.outputs
+            pending_h += [hashes[i] for i in batch.index]
+            pending_v.append(batch.outputs)
+            if cache is not None and len(pending_h) >= flush_every:
+                cache.put_many(pending_h, np.concatenate(pending_v))
+                pending_h, pending_v = [], []
+            bar.update(len(batch.index))
+    if cache is not None and pending_h:
+        cache.put_many(pending_h, np.concatenate(pending_v))

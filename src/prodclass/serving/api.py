@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from prodclass import __version__
 from prodclass.preprocess import MAX_PIXELS
+from prodclass.runs import FORMAT_VERSION, RunDir
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a 12-megapixel phone JPEG is 3-8 MB
@@ -72,20 +73,21 @@ class Health(BaseModel):
 
 
 def model_id(run_dir: str | Path) -> str:
-    """``<run directory name>-<first 8 hex digits of the SHA-1 of model.pt>``."""
+    """``<run directory name>-<first 8 hex digits of the SHA-1 of the model's weights file>``."""
     from prodclass.io import file_sha1
 
-    run_dir = Path(run_dir)
-    return f"{run_dir.resolve().name}-{file_sha1(run_dir / 'model.pt')[:8]}"
+    run = RunDir(run_dir)
+    return f"{run.path.resolve().name}-{file_sha1(run.weights_file)[:8]}"
 
 
 def model_info(run_dir: str | Path, predictor) -> dict:
     """What ``GET /v1/model`` answers: classes, backbone, test metrics, calibration, threshold, versions.
 
-    Only the scalar entries of metrics.json / calibration.json / abstention.json are returned
-    (read with :func:`prodclass.runs.read_optional`; ``{}`` when a file is absent).
+    Only the scalar entries of the run's metrics, calibration and abstention records are returned
+    (``{}`` when a record is absent).
     """
-    from prodclass.runs import FORMAT_VERSION, read_optional
+    run = RunDir(run_dir)
+    metrics = run.read_metrics() if run.metrics_file.is_file() else {}
 
     def scalars(d: dict, keys=None) -> dict:
         return {k: v for k, v in d.items() if (keys is None or k in keys) and isinstance(v, (int, float, str, bool))}
@@ -97,9 +99,9 @@ def model_info(run_dir: str | Path, predictor) -> dict:
         "backbone": predictor.meta.get("backbone"),
         "backend": predictor.meta.get("backend"),
         "inputs": ["image"],
-        "metrics": scalars(read_optional(run_dir, "metrics.json"), _METRIC_KEYS),
-        "calibration": scalars(read_optional(run_dir, "calibration.json")),
-        "abstention": scalars(read_optional(run_dir, "abstention.json")),
+        "metrics": scalars(metrics, _METRIC_KEYS),
+        "calibration": scalars(run.read_calibration()),
+        "abstention": scalars(run.read_abstention()),
         "threshold": predictor.threshold,
         "version": {"prodclass": __version__, "model_format": FORMAT_VERSION},
     }
@@ -179,44 +181,48 @@ def create_app(run_dir: str | Path, predictor=None, max_body_bytes: int = MAX_BO
     """
     from prodclass.serving.predictor import Predictor
 
-    run_dir = Path(run_dir)
     predictor = predictor or Predictor.from_run(run_dir, backend=backend)
     info = model_info(run_dir, predictor)
-    mid, n_classes = info["model_id"], len(predictor.classes)
-    limiter = anyio.CapacityLimiter(workers)
-
+    mid = info["model_id"]
     app = FastAPI(title="prodclass", version=__version__,
                   form_limits={"max_files": max_files, "max_fields": 8, "max_part_size": 64 * 1024},
-                  description=f"Product-type classifier `{mid}` ({n_classes} classes). Limits: body {max_body_bytes} "
-                              f"bytes, {max_files} files, {max_pixels} pixels per image, JPEG/PNG/WebP only.")
-
+                  description=f"Product-type classifier `{mid}` ({len(predictor.classes)} classes). Limits: body "
+                              f"{max_body_bytes} bytes, {max_files} files, {max_pixels} pixels per image, "
+                              "JPEG/PNG/WebP only.")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.get("/health")(lambda: Health(status="ok", model_id=mid))
+    app.get("/v1/model", summary="Classes, backbone, test metrics, calibration and abstention threshold")(lambda: info)
+    _add_predict_route(app, predictor, mid, max_files, max_pixels, anyio.CapacityLimiter(workers))
+    return app
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        errs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(errs)}, status_code=422)
 
-    @app.get("/health")
-    def health() -> Health:
-        """Liveness: the model is loaded and the server answers."""
-        return Health(status="ok", model_id=mid)
+async def _validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one ``detail`` string naming each bad field."""
+    errs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return JSONResponse({"detail": "; ".join(errs)}, status_code=422)
 
-    @app.get("/v1/model")
-    def model() -> dict:
-        """Classes, backbone, test metrics, calibration and abstention threshold of the served model."""
-        return info
 
-    def infer(blobs: list[bytes], names: list[str], top_k: int) -> list[ImagePrediction]:
-        for data, name in zip(blobs, names):
-            check_image(data, name, max_pixels)
-        out = []
-        for name, p in zip(names, predictor.predict(blobs, top_k=top_k)):
-            if p.error:
-                raise HTTPException(422, f"{name}: {p.error.removeprefix('<bytes>: ')}")
-            out.append(ImagePrediction(filename=name, labels=p.labels, probs=[round(q, 6) for q in p.probs],
-                                       abstain=p.abstain))
-        return out
+def classify_uploads(predictor, blobs: list[bytes], names: list[str], top_k: int,
+                     max_pixels: int) -> list[ImagePrediction]:
+    """Check every upload (:func:`check_image`), then classify them in one Predictor call.
+
+    Raises:
+        HTTPException: 413/415/422 for the first bad upload (named in the message).
+    """
+    for data, name in zip(blobs, names, strict=True):
+        check_image(data, name, max_pixels)
+    out = []
+    for name, p in zip(names, predictor.predict(blobs, top_k=top_k), strict=True):
+        if p.error:
+            raise HTTPException(422, f"{name}: {p.error.removeprefix('<bytes>: ')}")
+        out.append(ImagePrediction(filename=name, labels=p.labels, probs=[round(q, 6) for q in p.probs],
+                                   abstain=p.abstain))
+    return out
+
+
+def _add_predict_route(app: FastAPI, predictor, mid: str, max_files: int, max_pixels: int, limiter) -> None:
+    n_classes = len(predictor.classes)
 
     @app.post("/v1/predict")
     async def predict(
@@ -227,11 +233,10 @@ def create_app(run_dir: str | Path, predictor=None, max_body_bytes: int = MAX_BO
         """Top-k product types with calibrated probabilities and an abstain flag, one entry per image."""
         blobs = [await f.read() for f in files]
         names = [(f.filename or f"file {i}")[:200] for i, f in enumerate(files)]
-        preds = await anyio.to_thread.run_sync(infer, blobs, names, top_k, limiter=limiter)
+        preds = await anyio.to_thread.run_sync(classify_uploads, predictor, blobs, names, top_k, max_pixels,
+                                               limiter=limiter)
         note = TitleNote(used=False, note="ignored: this model takes images only") if title is not None else None
         return PredictResponse(model_id=mid, threshold=predictor.threshold, predictions=preds, title=note)
-
-    return app
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs) -> None:

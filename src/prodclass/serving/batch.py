@@ -80,11 +80,11 @@ def _catalog_paths(path: Path, column: str | None, image_dir: str | Path | None)
             for v in t[col].fillna("").astype(str).str.strip()]
 
 
-def predictions_table(images: Sequence[str], predictions: Sequence, top_k: int) -> pd.DataFrame:
+def prediction_rows(images: Sequence[str], predictions: Sequence, top_k: int) -> pd.DataFrame:
     """Rows for :class:`prodclass.serving.predictor.Prediction` s: ``image, label_1, prob_1, ..., abstain, error``
     (labels/probs empty for error rows)."""
     rows = []
-    for img, p in zip(images, predictions):
+    for img, p in zip(images, predictions, strict=True):
         row = {"image": str(img)}
         for j in range(top_k):
             row[f"label_{j + 1}"] = p.labels[j] if j < len(p.labels) else None
@@ -129,40 +129,70 @@ def predict_to_file(predictor, images: Sequence[str], out: str | Path, review_ou
         ValueError: an unsupported output suffix.
         KeyboardInterrupt: passed on after the finished chunks are safely on disk.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     for p in filter(None, (out, review_out)):
         if Path(p).suffix.lower() not in OUT_SUFFIXES:
             raise ValueError(f"{p}: unsupported output format (use {', '.join(OUT_SUFFIXES)})")
     images = [str(i) for i in images]
     top_k = min(top_k, len(predictor.classes))
-    parts = out.with_name(out.name + ".parts")
-    manifest = {
-        "inputs_sha1": hashlib.sha1("\n".join(images).encode()).hexdigest(), "n": len(images),
-        "chunk_size": chunk_size, "top_k": top_k, "model": predictor.meta.get("run_dir") or predictor.meta.get("onnx"),
-        "classes_sha1": hashlib.sha1(json.dumps(predictor.classes).encode()).hexdigest(),
-        "temperature": predictor.temperature, "threshold": predictor.threshold,
-    }
-    if parts.is_dir() and _read_manifest(parts) != manifest:
-        echo(f"{parts}: left by a different job (inputs or model differ); starting over")
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    write_json(parts / "manifest.json", manifest)
-
     chunks = [range(s, min(s + chunk_size, len(images))) for s in range(0, len(images), chunk_size)]
+    parts = _open_parts(out, _manifest(predictor, images, chunk_size, top_k), echo)
     todo = [i for i in range(len(chunks)) if not _chunk_file(parts, i).is_file()]
     resumed = len(images) - sum(len(chunks[i]) for i in todo)
     if resumed:
         echo(f"resuming: {resumed} of {len(images)} images already done in {parts}")
     t0 = time.perf_counter()
+    _run_chunks(predictor, images, chunks, todo, parts, top_k, batch_size, progress, echo)
+    seconds = time.perf_counter() - t0
+    table = _merge_chunks(parts, len(chunks), images, top_k)
+    write_table(out, table)
+    review = None
+    if review_out:
+        review = table[table["abstain"].astype(bool) | table["error"].notna()].assign(
+            reason=lambda t: t["error"].notna().map({True: "error", False: "low confidence"}))
+        write_table(review_out, review)
+    shutil.rmtree(parts)
+    n_new = sum(len(chunks[i]) for i in todo)
+    return {"n": len(images), "predicted": int(table["error"].isna().sum()), "errors": int(table["error"].notna().sum()),
+            "abstained": int(table["abstain"].astype(bool).sum()), "resumed": resumed, "seconds": round(seconds, 2),
+            "images_per_s": round(n_new / seconds, 1) if n_new and seconds > 0 else None,
+            "out": str(out), "review": None if review is None else {"file": str(review_out), "rows": len(review)}}
+
+
+def _manifest(predictor, images: list[str], chunk_size: int, top_k: int) -> dict:
+    """What identifies a job: its inputs, chunking and model (a parts folder of another job is discarded)."""
+    return {
+        "inputs_sha1": hashlib.sha1("\n".join(images).encode()).hexdigest(), "n": len(images),
+        "chunk_size": chunk_size, "top_k": top_k, "model": predictor.meta.get("run_dir") or predictor.meta.get("onnx"),
+        "classes_sha1": hashlib.sha1(json.dumps(predictor.classes).encode()).hexdigest(),
+        "temperature": predictor.temperature, "threshold": predictor.threshold,
+    }
+
+
+def _open_parts(out: Path, manifest: dict, echo) -> Path:
+    """The ``<out>.parts`` folder of this job, emptied first when another job left it."""
+    parts = out.with_name(out.name + ".parts")
+    if parts.is_dir() and _read_manifest(parts) != manifest:
+        echo(f"{parts}: left by a different job (inputs or model differ); starting over")
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json(parts / "manifest.json", manifest)
+    return parts
+
+
+def _run_chunks(predictor, images: list[str], chunks: list[range], todo: list[int], parts: Path, top_k: int,
+                batch_size: int, progress: bool, echo) -> None:
+    """Predict the chunks in ``todo`` and write each one atomically as soon as it is complete."""
+    from tqdm.auto import tqdm
+
+    resumed = len(images) - sum(len(chunks[i]) for i in todo)
     work = [j for i in todo for j in chunks[i]]
     stream = predictor.iter_predict([images[j] for j in work], top_k=top_k, batch_size=batch_size)
     with tqdm(total=len(images), initial=resumed, unit="img", desc="predict", disable=not progress) as bar:
         try:
             for i in todo:
                 preds = [next(stream) for _ in chunks[i]]
-                write_dataframe(_chunk_file(parts, i), predictions_table([images[j] for j in chunks[i]], preds, top_k))
+                write_dataframe(_chunk_file(parts, i), prediction_rows([images[j] for j in chunks[i]], preds, top_k))
                 bar.update(len(preds))
         except KeyboardInterrupt:
             done = sum(len(c) for i, c in enumerate(chunks) if _chunk_file(parts, i).is_file())
@@ -170,26 +200,16 @@ def predict_to_file(predictor, images: Sequence[str], out: str | Path, review_ou
             raise
         finally:
             stream.close()
-    seconds = time.perf_counter() - t0
 
-    cols = predictions_table([], [], top_k).columns
-    table = pd.concat([pd.read_parquet(_chunk_file(parts, i)) for i in range(len(chunks))] or [pd.DataFrame(columns=cols)],
+
+def _merge_chunks(parts: Path, n_chunks: int, images: list[str], top_k: int) -> pd.DataFrame:
+    """All chunks in input order; ``RuntimeError`` when they do not cover the inputs exactly."""
+    cols = prediction_rows([], [], top_k).columns
+    table = pd.concat([pd.read_parquet(_chunk_file(parts, i)) for i in range(n_chunks)] or [pd.DataFrame(columns=cols)],
                       ignore_index=True)
     if len(table) != len(images) or table["image"].tolist() != images:
         raise RuntimeError(f"{parts}: chunks do not cover the inputs ({len(table)} rows for {len(images)} images)")
-    write_table(out, table)
-    review = None
-    if review_out:
-        err = table["error"].notna()
-        review = table[table["abstain"].astype(bool) | err].assign(
-            reason=lambda t: t["error"].notna().map({True: "error", False: "low confidence"}))
-        write_table(review_out, review)
-    shutil.rmtree(parts)
-    n_new = len(work)
-    return {"n": len(images), "predicted": int(table["error"].isna().sum()), "errors": int(table["error"].notna().sum()),
-            "abstained": int(table["abstain"].astype(bool).sum()), "resumed": resumed, "seconds": round(seconds, 2),
-            "images_per_s": round(n_new / seconds, 1) if n_new and seconds > 0 else None,
-            "out": str(out), "review": None if review is None else {"file": str(review_out), "rows": len(review)}}
+    return table
 
 
 def _chunk_file(parts: Path, i: int) -> Path:

@@ -21,14 +21,14 @@ MAX_UPLOAD = "16mb"
 
 
 def example_images(run_dir: str | Path, n: int = 8) -> list[str]:
-    """Up to ``n`` test-split images of distinct classes from the run's ``dataset.parquet``
+    """Up to ``n`` test-split images of distinct classes from the run's stored split
     (absolute paths that exist; ``[]`` when the run has no stored split)."""
-    import pandas as pd
+    from prodclass.runs import RunDir
 
-    path = Path(run_dir) / "dataset.parquet"
-    if not path.is_file():
+    run = RunDir(run_dir)
+    if not run.has_dataset():
         return []
-    t = pd.read_parquet(path, columns=["image_path", "label", "split"])
+    t = run.read_dataset()[0]
     t = t[t["split"] == "test"].groupby("label").head(1)
     return [p for p in t["image_path"] if Path(p).is_file()][:n]
 
@@ -53,8 +53,8 @@ def build_demo(run_dir: str | Path, predictor=None, examples: list[str] | None =
     Raises:
         FileNotFoundError, ValueError: not a loadable run directory.
     """
-    from prodclass.serving.predictor import Predictor
     from prodclass.serving.api import model_id
+    from prodclass.serving.predictor import Predictor
 
     predictor = predictor or Predictor.from_run(run_dir, backend=backend)
     mid = model_id(run_dir)
@@ -66,7 +66,7 @@ def build_demo(run_dir: str | Path, predictor=None, examples: list[str] | None =
         p = predictor.predict([path], top_k=top_k)[0]
         if p.error:
             return None, f"**Could not read this image:** {p.error.split(': ', 1)[-1]}"
-        return dict(zip(p.labels, p.probs)), review_message(p.labels, p.probs, p.abstain, predictor.threshold)
+        return dict(zip(p.labels, p.probs, strict=True)), review_message(p.labels, p.probs, p.abstain, predictor.threshold)
 
     with gr.Blocks(title="prodclass demo", analytics_enabled=False) as demo:
         gr.Markdown(f"# What product is this?\nUpload a product photo or take one with your camera. "
