@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from prodclass.evaluation.abstention import choose_threshold, confidence_and_correct, fit_abstention, selective_metrics
@@ -49,24 +48,17 @@ def test_bad_arguments():
         choose_threshold(np.array([0.5]), np.array([True]), 1.5)
 
 
-def _write_preds(run_dir, split, logits, y):
-    pd.DataFrame({"image_path": [f"{split}{i}.jpg" for i in range(len(y))], "item_id": [str(i) for i in range(len(y))],
-                  "y_true": y, "y_pred": logits.argmax(1), "logits": list(logits.astype(np.float32))}
-                 ).to_parquet(run_dir / f"predictions_{split}.parquet")
-
-
-def test_fit_abstention_uses_the_run_temperature(tmp_path):
+def test_fit_abstention_uses_the_given_temperature():
     rng = np.random.default_rng(1)
+    arrays = {}
     for split in ("val", "test"):
         y = rng.integers(0, 4, 300)
-        logits = rng.normal(0, 1, (300, 4)) + 3 * np.eye(4)[y] * rng.random((300, 1))
-        _write_preds(tmp_path, split, logits, y)
-    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 2.0}))
-    out = fit_abstention(tmp_path, target_precision=0.9)
-    assert json.loads((tmp_path / "abstention.json").read_text()) == out
-    val = pd.read_parquet(tmp_path / "predictions_val.parquet")
-    conf, ok = confidence_and_correct(np.stack(val["logits"]), val["y_true"].to_numpy(), 2.0)
+        arrays[split] = (rng.normal(0, 1, (300, 4)) + 3 * np.eye(4)[y] * rng.random((300, 1)), y)
+    out = fit_abstention(*arrays["val"], temperature=2.0, target_precision=0.9,
+                         test_logits=arrays["test"][0], test_y=arrays["test"][1])
+    conf, ok = confidence_and_correct(*arrays["val"], 2.0)
     assert (out["threshold"], out["achieved"]) == choose_threshold(conf, ok, 0.9)
+    assert out["threshold"] != fit_abstention(*arrays["val"], temperature=1.0, target_precision=0.9)["threshold"]
     assert out["temperature"] == 2.0 and out["val"]["precision"] >= 0.9 > out["val"]["accuracy_all"]
     assert 0 < out["test"]["coverage"] < 1 and out["test"]["n"] == 300
 

@@ -1,15 +1,18 @@
 """ECE and temperature scaling on constructed cases with known answers, and on a real run."""
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import log_loss
 
-from prodclass.evaluation.calibration import (calibrate_run, expected_calibration_error, fit_temperature, nll,
-                                   reliability_bins, softmax)
+from prodclass.evaluation.calibration import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability_bins,
+)
+from prodclass.inference import softmax
 
 
 def _probs(conf: np.ndarray, pred: np.ndarray, c: int = 4) -> np.ndarray:
@@ -97,15 +100,10 @@ def test_fit_temperature_scales_with_the_logits_and_keeps_the_argmax():
     assert nll(z, y, t) <= min(nll(z, y, t * 1.05), nll(z, y, t / 1.05))
 
 
-@pytest.mark.shared_data
-def test_calibrate_run_warns_when_validation_is_all_correct(tiny_run, tmp_path):
-    import pandas as pd
-
-    run = shutil.copytree(tiny_run, tmp_path / "run")
-    t = pd.read_parquet(run / "predictions_val.parquet")
-    t["y_true"] = [int(np.argmax(z)) for z in t["logits"]]  # every validation prediction right
-    t.to_parquet(run / "predictions_val.parquet")
-    cal = calibrate_run(run)
+def test_calibrate_warns_when_validation_is_all_correct():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1, (50, 4))
+    cal = calibrate(z, z.argmax(1))  # every validation prediction right: the NLL has no minimiser
     assert "every validation image" in cal["warning"] and cal["temperature"] == 1.0
     assert cal["ece_after"] == cal["ece_before"]
 
@@ -115,31 +113,23 @@ def test_fit_temperature_rejects_empty_input():
         fit_temperature(np.zeros((0, 3)), np.zeros(0, int))
 
 
+def test_calibrate_fits_on_validation_and_reports_test():
+    rng = np.random.default_rng(4)
+    y_val, y_test = rng.integers(0, 5, 400), rng.integers(0, 5, 300)
+    z_val = 4 * rng.normal(0, 1, (400, 5)) + 3 * np.eye(5)[y_val]  # over-confident: T > 1
+    z_test = 4 * rng.normal(0, 1, (300, 5)) + 3 * np.eye(5)[y_test]
+    cal = calibrate(z_val, y_val, z_test, y_test)
+    assert cal["temperature"] == pytest.approx(fit_temperature(z_val, y_val)) and cal["temperature"] > 1
+    assert cal["split"] == "test" and cal["n"] == 300 and cal["val"]["n"] == 400
+    assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-12
+    assert cal["ece_after"] < cal["ece_before"] and cal["warning"] is None
+
+
 @pytest.mark.shared_data
-def test_calibrate_run_writes_calibration_json_the_predictor_reads(tiny_run, tmp_path):
-    from prodclass.pipeline import load_predictions
+def test_the_predictor_applies_the_runs_calibration(tiny_run):
+    from prodclass.runs import RunDir
     from prodclass.serving.predictor import Predictor
 
-    import pandas as pd
-
-    run = shutil.copytree(tiny_run, tmp_path / "run")
-    (run / "calibration.json").unlink()
-    t = pd.read_parquet(run / "predictions_val.parquet")
-    t.loc[0, "y_true"] = (int(np.argmax(t.loc[0, "logits"])) + 1) % len(t.loc[0, "logits"])  # one mistake
-    t.to_parquet(run / "predictions_val.parquet")
-    cal = calibrate_run(run)
-    on_disk = json.loads((run / "calibration.json").read_text())
-    assert on_disk["temperature"] == cal["temperature"] and on_disk["val"] == cal["val"] and cal["split"] == "test"
-    t, z = load_predictions(run, "val")
-    assert cal["temperature"] == pytest.approx(fit_temperature(z, t["y_true"].to_numpy()))
-    assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-12
-    assert {"ece_before", "ece_after", "n_bins"} <= set(cal) and cal["warning"] is None
-    assert Predictor.from_run(run).temperature == pytest.approx(cal["temperature"])
-
-
-@pytest.mark.shared_data
-def test_calibrate_run_names_the_missing_file(tiny_run, tmp_path):
-    run = shutil.copytree(tiny_run, tmp_path / "run")
-    (run / "predictions_val.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match="predictions_val.parquet"):
-        calibrate_run(run)
+    cal = RunDir(tiny_run).read_calibration()
+    assert {"ece_before", "ece_after", "n_bins", "temperature"} <= set(cal)
+    assert Predictor.from_run(tiny_run).temperature == pytest.approx(cal["temperature"])

@@ -5,7 +5,7 @@ abstain (``Prediction.abstain``, ``prodclass predict --review-out``). The thresh
 the validation split as the lowest confidence at which the accepted predictions still reach the
 target precision, i.e. the largest coverage meeting the target on the empirical
 risk-coverage curve (selective classification, Geifman & El-Yaniv, NeurIPS 2017, without
-their confidence bound). It is stored in the run directory as ``abstention.json``::
+their confidence bound). :func:`fit_abstention` returns the record the run stores::
 
     {"threshold": t, "target_precision": 0.95, "temperature": T, "achieved": true,
      "val": {"n", "accepted", "coverage", "precision"}, "test": {...}}
@@ -14,16 +14,14 @@ their confidence bound). It is stored in the run directory as ``abstention.json`
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from prodclass.io import write_json
+from prodclass.inference import softmax
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_PRECISION = 0.95
-ABSTENTION_FILE = "abstention.json"
 
 
 def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_precision: float = DEFAULT_TARGET_PRECISION) -> tuple[float, bool]:
@@ -76,42 +74,36 @@ def selective_metrics(confidence: np.ndarray, correct: np.ndarray, threshold: fl
 
 
 def confidence_and_correct(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """float ``(N, C)`` logits + int ``(N,)`` labels → top-1 softmax(logits / T) ``(N,)`` and
+    """float ``(N, C)`` logits + int ``(N,)`` labels → top-1 ``softmax(logits / T)`` ``(N,)`` and
     bool ``(N,)`` correctness."""
-    z = np.asarray(logits, np.float64) / temperature
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    p = softmax(logits, temperature)
     return p.max(1), p.argmax(1) == np.asarray(y_true)
 
 
-def fit_abstention(run_dir: str | Path, target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
-    """Choose the threshold on the run's validation predictions, write ``abstention.json``.
+def fit_abstention(val_logits: np.ndarray, val_y: np.ndarray, temperature: float = 1.0,
+                   target_precision: float = DEFAULT_TARGET_PRECISION, test_logits: np.ndarray | None = None,
+                   test_y: np.ndarray | None = None) -> dict:
+    """Choose the threshold on validation predictions, and measure it on the test split.
 
-    Uses ``predictions_val.parquet`` and ``predictions_test.parquet`` and the temperature of
-    ``calibration.json`` (1.0 when the run has none), so the threshold applies to the same
-    calibrated probabilities the :class:`prodclass.serving.predictor.Predictor` returns.
+    The probabilities are ``softmax(logits / temperature)`` with the run's calibrated ``T``, the
+    same ones the :class:`prodclass.serving.predictor.Predictor` returns.
+
+    Args:
+        val_logits: float ``(N, C)``; val_y: int ``(N,)``. test_logits/test_y: optional, the same for test.
 
     Returns:
-        The ``abstention.json`` content; ``test`` holds the test-split :func:`selective_metrics`
-        at the chosen threshold.
+        The run's abstention record: ``threshold, achieved, target_precision, temperature``,
+        ``val`` and (with test arrays) ``test``: :func:`selective_metrics` at the threshold.
 
     Raises:
-        FileNotFoundError: the run has no validation/test predictions.
+        ValueError: as :func:`choose_threshold`.
     """
-    from prodclass.pipeline import load_predictions
-    from prodclass.runs import read_optional
-
-    run_dir = Path(run_dir)
-    temperature = float(read_optional(run_dir, "calibration.json").get("temperature", 1.0))
-    out = {"target_precision": target_precision, "temperature": temperature}
-    for split in ("val", "test"):
-        table, logits = load_predictions(run_dir, split)
-        conf, ok = confidence_and_correct(logits, table["y_true"].to_numpy(), temperature)
-        if split == "val":
-            out["threshold"], out["achieved"] = choose_threshold(conf, ok, target_precision)
-            if not out["achieved"]:
-                log.warning("%s: no threshold reaches precision %.3f on validation; every prediction abstains",
-                            run_dir, target_precision)
-        out[split] = selective_metrics(conf, ok, out["threshold"])
-    write_json(run_dir / ABSTENTION_FILE, out)
+    out = {"target_precision": target_precision, "temperature": float(temperature)}
+    conf, ok = confidence_and_correct(val_logits, val_y, temperature)
+    out["threshold"], out["achieved"] = choose_threshold(conf, ok, target_precision)
+    if not out["achieved"]:
+        log.warning("no threshold reaches precision %.3f on validation; every prediction abstains", target_precision)
+    out["val"] = selective_metrics(conf, ok, out["threshold"])
+    if test_logits is not None:
+        out["test"] = selective_metrics(*confidence_and_correct(test_logits, test_y, temperature), out["threshold"])
     return out

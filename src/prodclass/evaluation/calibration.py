@@ -7,27 +7,21 @@ binned by their top-1 confidence into ``((m-1)/M, m/M]`` and
 
 Temperature scaling (same paper, §4.2) divides all logits by one scalar ``T > 0`` fitted by
 minimising the negative log-likelihood on the validation split; it never changes the argmax, so
-accuracy is unchanged. :func:`calibrate_run` fits it for a run directory and writes
-``calibration.json``, which :class:`prodclass.serving.predictor.Predictor` applies at prediction time.
+accuracy is unchanged. :func:`calibrate` fits it on validation logits and returns what the
+pipeline stores as the run's calibration, which :class:`prodclass.serving.predictor.Predictor`
+applies at prediction time. Arrays in, values out: this module reads and writes no file.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from prodclass.io import write_json
+from prodclass.inference import softmax
 
 N_BINS = 15
 T_BOUNDS = (0.05, 20.0)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """float ``(N, C)`` logits → ``(N, C)`` probabilities of ``softmax(logits / temperature)``."""
-    return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature, axis=1))
 
 
 def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
@@ -91,38 +85,30 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float,
     return float(np.exp(res.x))
 
 
-def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
-    """Fit the temperature on ``predictions_val.parquet`` and write ``calibration.json``.
+def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray | None = None,
+              test_y: np.ndarray | None = None, n_bins: int = N_BINS) -> dict:
+    """Fit the temperature on validation logits and measure ECE/NLL before and after.
 
-    Returns (and writes) ``{"temperature", "warning", "split", "n", "ece_before", "ece_after",
-    "nll_before", "nll_after", "n_bins", "method", "val": {...}}``. Top-level ECE/NLL are measured
-    on the held-out test split (``predictions_test.parquet``; the validation split when there is
-    none, ``split`` says which); ``val`` holds the same figures on the split T was fitted on.
-    ``warning``: None, or why T is unreliable: a validation split the model gets entirely right
-    has no NLL minimum (it falls towards 0 as T → 0), so T = 1 is kept; or T ended at a bound of
-    :data:`T_BOUNDS`.
+    Args:
+        val_logits: float ``(N, C)`` validation logits. val_y: int ``(N,)`` validation class ids.
+        test_logits, test_y: optionally the test split's, for the headline figures.
+        n_bins: ECE bins (15, Guo et al. 2017).
+
+    Returns:
+        The ``calibration.json`` content: ``temperature``, ``warning``, ``split`` (``test`` when
+        test arrays were given, else ``val``), that split's ``n, ece_before, ece_after, nll_before,
+        nll_after``, ``val`` (the same figures on validation), ``n_bins``, ``method``.
+        ``warning``: None, or why T is unreliable: a validation split the model gets entirely right
+        has no NLL minimum (it falls towards 0 as T → 0), so T = 1 is kept; or T ended at a bound
+        of :data:`T_BOUNDS`.
 
     Raises:
-        FileNotFoundError: the run has no ``predictions_val.parquet``.
+        ValueError: empty or mismatched arrays.
     """
-    from prodclass.pipeline import load_predictions
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "predictions_val.parquet").is_file():
-        raise FileNotFoundError(f"{run_dir / 'predictions_val.parquet'}: missing; calibration needs validation logits")
-    t_val, z_val = load_predictions(run_dir, "val")
-    y_val = t_val["y_true"].to_numpy(np.int64)
-    # every validation image right: the NLL keeps falling as T -> 0 and has no minimiser; keep T = 1
-    all_right = bool((z_val.argmax(1) == y_val).all())
-    temp = 1.0 if all_right else fit_temperature(z_val, y_val)
-
-    def figures(z, y):
-        return {"n": int(len(y)),
-                "ece_before": expected_calibration_error(softmax(z), y, n_bins),
-                "ece_after": expected_calibration_error(softmax(z, temp), y, n_bins),
-                "nll_before": nll(z, y), "nll_after": nll(z, y, temp)}
-
-    val = figures(z_val, y_val)
+    val_logits, val_y = np.asarray(val_logits), np.asarray(val_y, np.int64)
+    all_right = bool(len(val_y)) and bool((val_logits.argmax(1) == val_y).all())
+    temp = 1.0 if all_right else fit_temperature(val_logits, val_y)
+    val = _figures(val_logits, val_y, temp, n_bins)
     warning = None
     if all_right:
         warning = ("every validation image is classified correctly, so the validation NLL has no minimum "
@@ -130,11 +116,16 @@ def calibrate_run(run_dir: str | Path, n_bins: int = N_BINS) -> dict:
     elif np.abs(np.log(temp / np.array(T_BOUNDS))).min() < 0.05:
         warning = f"T = {temp:.3g} is at a bound of the search range {T_BOUNDS}"
     out = {"temperature": temp, "warning": warning, "split": "val", **val}
-    if (run_dir / "predictions_test.parquet").is_file():
-        t_te, z_te = load_predictions(run_dir, "test")
-        out.update(figures(z_te, t_te["y_true"].to_numpy(np.int64)), split="test")
+    if test_logits is not None:
+        out.update(_figures(np.asarray(test_logits), np.asarray(test_y, np.int64), temp, n_bins), split="test")
     out.update(n_bins=n_bins, val=val,
                method="temperature scaling fitted by minimising validation NLL (Guo et al. 2017); "
                       f"ECE: {n_bins} equal-width bins, top-label")
-    write_json(run_dir / "calibration.json", out)
     return out
+
+
+def _figures(z: np.ndarray, y: np.ndarray, temp: float, n_bins: int) -> dict:
+    return {"n": int(len(y)),
+            "ece_before": expected_calibration_error(softmax(z), y, n_bins),
+            "ece_after": expected_calibration_error(softmax(z, temp), y, n_bins),
+            "nll_before": nll(z, y), "nll_after": nll(z, y, temp)}
