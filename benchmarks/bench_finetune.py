@@ -18,6 +18,7 @@ Timings depend on what else runs on the machine; the JSON records the load avera
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
@@ -103,17 +104,27 @@ def _time(fn, reps: int = 3) -> float:
     return best
 
 
+def _ms(fn, *args, n: int = 32, reps: int = 3) -> float:
+    """ms per image of ``fn(*args)`` on a batch of ``n``, min of ``reps`` after a warm-up."""
+    return round(1000 * _time(functools.partial(fn, *args), reps) / n, 2)
+
+
+@torch.no_grad()
+def _forward(model, x):
+    return model(x)
+
+
 def speed() -> dict:
     """ms per image of the pieces of a stage-2 epoch, batch 32, min of 3 after a warm-up."""
-    from prodclass.models import finetune as ft
     from prodclass.features.backbones import create_backbone
-    from prodclass.config import FinetuneConfig
     from prodclass.models.heads import Classifier, create_head
+    from prodclass.models.policy import BackboneFinetuning
+    from prodclass.models.prefix_cache import prefix_runner
+    from prodclass.models.split import Prefix
     from prodclass.preprocess import Preprocessing
 
     torch.manual_seed(0)
     out = {"machine": _machine(), "note": "ms per image, batch 32, min of 3; CPU shared with other jobs", "rows": []}
-    B = 32
 
     def row(**kw):
         out["rows"].append(kw)
@@ -122,50 +133,20 @@ def speed() -> dict:
     for size in (224, 192, 160):
         prep = Preprocessing(input_size=size, resize_size=size)
         model = Classifier(create_backbone("efficientnet_lite0", preprocessing=prep), create_head("mlp", 1280, 37)).eval()
-        x = torch.randn(B, 3, size, size)
-        k = ft.split_index(model, 3)
+        x = torch.randn(32, 3, size, size)
+        k = BackboneFinetuning(3).split_index(model)
         # the frozen prefix (what the feature cache runs once per view)
-        for engine, cl in (("torch", False), ("torch", True), ("onnxruntime", False)):
-            model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            f = ft.prefix_runner(model, k, engine, channels_last=cl)
-            row(part="prefix (blocks 0-5)", size=size, engine=engine, channels_last=cl, ms_per_image=round(1000 * _time(lambda: f(x)) / B, 2))
-        with torch.no_grad():
-            row(part="full forward (eval)", size=size, engine="torch", channels_last=True,
-                ms_per_image=round(1000 * _time(lambda: model.to(memory_format=torch.channels_last)(
-                    x.contiguous(memory_format=torch.channels_last))) / B, 2))
+        row(part="prefix (blocks 0-5)", size=size, engine="torch", channels_last=False,
+            ms_per_image=_ms(_forward, Prefix(model, k), x))
+        for engine in ("torch", "onnxruntime"):  # the backends of prodclass.inference (torch: channels-last)
+            row(part="prefix (blocks 0-5)", size=size, engine=engine, channels_last=engine == "torch",
+                ms_per_image=_ms(prefix_runner(model, k, engine), x.numpy()))
+        cl_model = model.to(memory_format=torch.channels_last)
+        row(part="full forward (eval)", size=size, engine="torch", channels_last=True,
+            ms_per_image=_ms(_forward, cl_model, x.contiguous(memory_format=torch.channels_last)))
         # one training step of the trainable tail, per unfrozen-block count and memory format
         for n in (2, 3, 4, 9):
-            k = ft.split_index(model, n)
-            with torch.no_grad():
-                h = ft.prefix_forward(model.to(memory_format=torch.contiguous_format), x, k)
-            for cl in (False, True):
-                if n == 9 and size != 224:
-                    continue
-                m = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-                hh = h.contiguous(memory_format=torch.channels_last) if cl else h.contiguous()
-                bb, hd = ft.freeze(m, n)
-                opt = ft.make_optimizer(bb, hd, FinetuneConfig())
-                y = torch.randint(0, 37, (B,))
-
-                def step(fwd=lambda z: ft.tail_forward(m, z, k)):
-                    ft.set_train_mode(m, n)
-                    loss = torch.nn.functional.cross_entropy(fwd(hh), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-
-                row(part=f"train step, last {n} blocks" + (" (whole network)" if n == 9 else ""), size=size,
-                    channels_last=cl, ms_per_image=round(1000 * _time(step) / B, 2))
-                if n == 3 and size == 224 and cl:
-                    try:
-                        t = time.perf_counter()
-                        compiled = torch.compile(lambda z: ft.tail_forward(m, z, k))
-                        step(compiled)
-                        row(part="train step, last 3 blocks, torch.compile", size=size, channels_last=cl,
-                            compile_seconds=round(time.perf_counter() - t, 1),
-                            ms_per_image=round(1000 * _time(lambda: step(compiled)) / B, 2))
-                    except Exception as e:  # inductor needs a C++ toolchain; record why it did not run
-                        row(part="train step, last 3 blocks, torch.compile", size=size, error=str(e).splitlines()[0][:200])
+            _train_step_rows(model, x, n, size, row)
     # the same step in fresh processes: OpenMP wait policy and thread count on a shared CPU
     for policy in ("", "PASSIVE"):
         for threads in (1, 2):
@@ -178,30 +159,63 @@ def speed() -> dict:
     return out
 
 
+def _tail_step(m, policy, optimizer, tail, h, y) -> None:
+    """One optimisation step of the tail (``tail`` maps ``h`` to logits)."""
+    policy.set_train_mode(m)
+    loss = torch.nn.functional.cross_entropy(tail(h), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _train_step_rows(model, x, n: int, size: int, row) -> None:
+    """Rows for one training step of the last ``n`` blocks, contiguous and channels-last (+ torch.compile)."""
+    from prodclass.models.policy import BackboneFinetuning
+    from prodclass.models.split import Tail, prefix_forward
+
+    policy = BackboneFinetuning(n)
+    k = policy.split_index(model)
+    with torch.no_grad():
+        h = prefix_forward(model.to(memory_format=torch.contiguous_format), x, k)
+    y = torch.randint(0, 37, (len(x),))
+    for cl in (False, True):
+        if n == 9 and size != 224:
+            continue
+        m = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        hh = h.contiguous(memory_format=torch.channels_last) if cl else h.contiguous()
+        policy.freeze(m)
+        opt = policy.make_optimizer(m)
+        row(part=f"train step, last {n} blocks" + (" (whole network)" if n == 9 else ""), size=size,
+            channels_last=cl, ms_per_image=_ms(_tail_step, m, policy, opt, Tail(m, k), hh, y))
+        if n == 3 and size == 224 and cl:
+            try:
+                t = time.perf_counter()
+                compiled = torch.compile(Tail(m, k))
+                _tail_step(m, policy, opt, compiled, hh, y)
+                row(part="train step, last 3 blocks, torch.compile", size=size, channels_last=cl,
+                    compile_seconds=round(time.perf_counter() - t, 1),
+                    ms_per_image=_ms(_tail_step, m, policy, opt, compiled, hh, y))
+            except Exception as e:  # inductor needs a C++ toolchain; record why it did not run
+                row(part="train step, last 3 blocks, torch.compile", size=size, error=str(e).splitlines()[0][:200])
+
+
 def tail_step(threads: int) -> float:
     """ms per image of one stage-2 step (last 3 blocks, 224 px, batch 32, channels-last), min of 5."""
-    from prodclass.models import finetune as ft
     from prodclass.features.backbones import create_backbone
-    from prodclass.config import FinetuneConfig
     from prodclass.models.heads import Classifier, create_head
+    from prodclass.models.policy import BackboneFinetuning
+    from prodclass.models.split import Tail, prefix_forward
 
     torch.set_num_threads(threads)
     m = Classifier(create_backbone("efficientnet_lite0"), create_head("mlp", 1280, 37)).eval()
-    k = ft.split_index(m, 3)
+    policy = BackboneFinetuning(3)
+    k = policy.split_index(m)
     with torch.no_grad():
-        h = ft.prefix_forward(m, torch.randn(32, 3, 224, 224), k).contiguous(memory_format=torch.channels_last)
+        h = prefix_forward(m, torch.randn(32, 3, 224, 224), k).contiguous(memory_format=torch.channels_last)
     m.to(memory_format=torch.channels_last)
-    opt = ft.make_optimizer(*ft.freeze(m, 3), FinetuneConfig())
+    policy.freeze(m)
     y = torch.randint(0, 37, (32,))
-
-    def step():
-        ft.set_train_mode(m, 3)
-        loss = torch.nn.functional.cross_entropy(ft.tail_forward(m, h, k), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return round(1000 * _time(step, reps=5) / 32, 2)
+    return _ms(_tail_step, m, policy, policy.make_optimizer(m), Tail(m, k), h, y, reps=5)
 
 
 def main() -> None:

@@ -1,11 +1,18 @@
 """Contract tests over every registered backbone (in the manner of timm's model tests)."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from prodclass.features.backbones import WeightsError, create_backbone, get_spec, list_backbones, load_weights
+from prodclass.features.backbones import (
+    WeightsError,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    load_weights,
+    preprocessing_for,
+)
+from prodclass.preprocess import Preprocessing
 
 # ImageNet-1k classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = set(range(281, 286))
@@ -27,6 +34,32 @@ def test_registry_lists_efficientnet_lite():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(list_backbones())
     with pytest.raises(KeyError, match="registered"):
         get_spec("resnet9000")
+
+
+# The preprocessing every run, cached embedding and published figure uses: timm's input size, mean,
+# std and interpolation, resized straight to the input size (the whole square photo is kept).
+PINNED = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_facts_come_from_timm_and_preprocessing_is_unchanged(name):
+    import timm
+    from timm.data import resolve_model_data_config
+
+    spec = get_spec(name)
+    size = PINNED[name]
+    assert spec.preprocessing == Preprocessing(input_size=size, resize_size=size, mean=(0.5, 0.5, 0.5),
+                                               std=(0.5, 0.5, 0.5), interpolation="bicubic")
+    assert spec.preprocessing.key() == f"exif-{size}-{size}-bicubic-(0.5, 0.5, 0.5)-(0.5, 0.5, 0.5)"  # cache keys
+    m = timm.create_model(spec.timm_name, pretrained=False)
+    cfg = resolve_model_data_config(m)
+    assert cfg["input_size"][-1] == size and cfg["crop_pct"] < 1  # timm would crop; prodclass keeps the photo
+    assert (tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"]) == ((0.5,) * 3, (0.5,) * 3, "bicubic")
+    b = create_backbone(name, pretrained=False)
+    assert spec.embed_dim == b.embed_dim == m.num_features == 1280 and b.preprocessing == spec.preprocessing
+    small = preprocessing_for(name, 96)
+    assert (small.input_size, small.resize_size) == (96, 96) and preprocessing_for(name) == spec.preprocessing
+    assert create_backbone(name, pretrained=False, preprocessing=small).preprocessing == small
 
 
 @pytest.mark.parametrize("name", list_backbones())
@@ -56,7 +89,7 @@ def test_user_weights_file_by_name_and_shape_errors(tmp_path):
     src = create_backbone("efficientnet_lite0")
     torch.save({"state_dict": src.model.state_dict()}, tmp_path / "mine.pth")  # timm names, wrapped
     mine = create_backbone("efficientnet_lite0", weights=tmp_path / "mine.pth")
-    for a, b in zip(src.model.state_dict().values(), mine.model.state_dict().values()):
+    for a, b in zip(src.model.state_dict().values(), mine.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # the packaged file (EfficientNet-PyTorch names) with a 10-class classifier: paired by order,
     # refused at the tensor that does not fit

