@@ -13,13 +13,15 @@ from conftest import make_tiny_catalog, tiny_config
 pytestmark = pytest.mark.shared_data
 
 RUN_FILES = ["config.yaml", "versions.json", "dataset.parquet", "class_map.json", "class_counts.csv",
-             "class_counts.png", "model.pt", "history.json", "metrics.json", "per_class.csv",
-             "confusion_matrix.png", "predictions_val.parquet", "predictions_test.parquet"]
+             "class_counts.png", "model.safetensors", "model.json", "history.json", "metrics.json", "per_class.csv",
+             "confusion_matrix.png", "predictions_val.parquet", "predictions_test.parquet", "calibration.json",
+             "abstention.json", "report.html"]
 
 
 def test_run_directory_is_complete(tiny_run):
     missing = [f for f in RUN_FILES if not (tiny_run / f).is_file()]
     assert not missing
+    assert not (tiny_run / "model.pt").exists() and not (tiny_run / "head_best.pt").exists()
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert m["num_classes"] == 5 and m["n"] == len(pd.read_parquet(tiny_run / "predictions_test.parquet"))
     # 5 visually distinct product types: frozen ImageNet features separate them well

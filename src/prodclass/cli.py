@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -37,8 +36,8 @@ def run(
     from prodclass.config import ConfigError, load_config, resolve_data_root
     from prodclass.curate.rules import CurationError
     from prodclass.evaluation.metrics import format_table
-    from prodclass.preprocess import ImageError
     from prodclass.features.backbones import WeightsError
+    from prodclass.preprocess import ImageError
 
     if (config is None) == (resume is None):
         _fail("give a CONFIG file or --resume RUN_DIR (one of them)")
@@ -92,13 +91,13 @@ def predict(
             return
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    for path, p in zip(images, predictor.iter_predict(images, top_k=top_k, batch_size=batch_size)):
+    for path, p in zip(images, predictor.iter_predict(images, top_k=top_k, batch_size=batch_size), strict=True):
         if as_json:
             typer.echo(json.dumps({"image": str(path), **p.to_dict()}))
         elif p.error:
             typer.echo(f"{path}: ERROR {p.error}")
         else:
-            ranked = ", ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probs))
+            ranked = ", ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probs, strict=True))
             typer.echo(f"{path}: {ranked}" + ("  [abstain: send to review]" if p.abstain else ""))
 
 
@@ -136,18 +135,34 @@ def backbones() -> None:
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`.")) -> None:
-    """Write the run's self-contained report.html and extend its metrics.json (ECE, ROC/PR AUC)."""
-    from prodclass.evaluation.report import write_report
+    """Rewrite the run's self-contained report.html from its stored predictions (metrics.json is left as it is)."""
+    from prodclass.evaluation.report import inputs_from_run, render_report
+    from prodclass.runs import RunDir
 
     try:
-        m = write_report(run_dir)
+        run = RunDir.open(run_dir)
+        inputs = inputs_from_run(run)
+        run.write_report(render_report(inputs))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    m = inputs.metrics
     ece = f"{m['ece_before']:.4f}"
     if m["ece_after"] is not None:
         ece += f" -> {m['ece_after']:.4f} (T = {m['temperature']:.3f})"
     typer.echo(f"accuracy {m['accuracy']:.4f} | macro-F1 {m['macro_f1']:.4f} | ROC AUC macro {m['roc_auc_macro']:.4f}"
-               f" | ECE {ece}\nreport: {run_dir / 'report.html'}")
+               f" | ECE {ece}\nreport: {run.report_file}")
+
+
+@app.command()
+def migrate(run_dir: Path = typer.Argument(..., help="A run directory with a format-1 model.pt, from a source you trust.")) -> None:
+    """Convert a format-1 model (torch.save file) to the safe format (safetensors weights + JSON)."""
+    from prodclass.runs import RunDir
+
+    try:
+        meta = RunDir(run_dir).migrate_legacy_model()
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"{run_dir}: converted to the safe model format ({meta['backbone']}, {len(meta['classes'])} classes)")
 
 
 @app.command()
@@ -156,7 +171,7 @@ def compare(
     output: List[Path] = typer.Option([], "--output", "-o", help="Also write the table: .md or .csv (repeatable)."),
 ) -> None:
     """Print a Markdown table of the headline test metrics of several runs."""
-    from prodclass.evaluation.report import compare_runs, markdown_table, write_comparison
+    from prodclass.evaluation.compare import compare_runs, markdown_table, write_comparison
 
     try:
         table = compare_runs(run_dirs)

@@ -5,20 +5,17 @@ keep main images → min per class → cap per class → split — as the ABO re
 applied them (merge ``finering→ring``..., drop generic product types, keep classes with at
 least N images, cap the largest). The result is a :class:`Dataset`: the curated rows with a
 ``label`` and a ``split`` column plus the class map. It is stored in the run directory
-(``dataset.parquet``, ``class_map.json``) so every later stage sees the same split.
+(:meth:`prodclass.runs.RunDir.write_dataset`) so every later stage sees the same split.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from prodclass.config import CurationConfig
-from prodclass.io import read_json, save_figure, write_dataframe, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -54,22 +51,15 @@ class Dataset:
     def split_table(self, split: str | None) -> pd.DataFrame:
         return self.table if split is None else self.table[self.table["split"] == split]
 
-    def save(self, run_dir: str | Path) -> None:
-        """Write ``dataset.parquet``, ``class_map.json``, ``class_counts.csv`` and the chart."""
-        run_dir = Path(run_dir)
-        write_dataframe(run_dir / "dataset.parquet", self.table)
-        write_json(run_dir / "class_map.json", {"classes": self.classes})
-        write_dataframe(run_dir / "class_counts.csv", self.counts)
-        plot_class_counts(self.counts, run_dir / "class_counts.png")
+    def save(self, run) -> None:
+        """Store the curated rows, class map and counts in a :class:`prodclass.runs.RunDir`."""
+        run.write_dataset(self.table, self.classes, self.counts)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Dataset":
-        run_dir = Path(run_dir)
-        return cls(
-            table=pd.read_parquet(run_dir / "dataset.parquet"),
-            classes=read_json(run_dir / "class_map.json")["classes"],
-            counts=pd.read_csv(run_dir / "class_counts.csv"),
-        )
+    def load(cls, run) -> "Dataset":
+        """The dataset a :class:`prodclass.runs.RunDir` stored (its split is reused as it is)."""
+        table, classes, counts = run.read_dataset()
+        return cls(table=table, classes=classes, counts=counts)
 
 
 def curate(catalog: pd.DataFrame, label: str, rules: CurationConfig) -> Dataset:
@@ -146,24 +136,3 @@ def _stratified_split(df: pd.DataFrame, rules: CurationConfig, rng: np.random.Ge
         assign = {it: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, it in enumerate(items)}
         split[g.index.to_numpy()] = g["item_id"].map(assign).to_numpy()
     return split
-
-
-def plot_class_counts(counts: pd.DataFrame, path: str | Path, max_classes: int = 60) -> None:
-    """Horizontal bar chart of images per class before (raw label) and after curation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = counts.sort_values(["curated", "raw"], ascending=False).head(max_classes).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(c) + 1)))
-    y = np.arange(len(c))
-    ax.barh(y + 0.2, c["raw"], height=0.4, label="before (raw label)", color="#bbbbbb")
-    ax.barh(y - 0.2, c["curated"], height=0.4, label="after curation", color="#1f77b4")
-    ax.set_yticks(y, c["label"], fontsize=7)
-    ax.set_xlabel("images")
-    more = len(counts) - len(c)
-    ax.set_title(f"Images per class ({len(counts)} labels" + (f", top {len(c)} shown)" if more else ")"))
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    save_figure(path, fig, dpi=110)
