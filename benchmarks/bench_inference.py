@@ -38,8 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from prodclass.inference import cpu_count  # noqa: E402
 from prodclass.io import write_json  # noqa: E402
-from prodclass.serving.predictor import INT8_FILE, ONNX_FILE, Predictor, cpu_count  # noqa: E402
+from prodclass.runs import RunDir  # noqa: E402
+from prodclass.serving.predictor import Predictor  # noqa: E402
 
 SPINE_TORCH_IMG_S = 46.0  # the spine's embedding throughput (eager torch, batch 32, 2 threads), commit 8927bb3
 
@@ -72,108 +74,147 @@ def main() -> None:
     threads = cpu_count()
     torch.set_num_threads(threads)
     run_dir = Path(args.run_dir) if args.run_dir else max((ROOT / "runs").glob("abo-small-product-type-*"), key=os.path.getmtime)
-    if not (run_dir / ONNX_FILE).is_file():
+    run = RunDir(run_dir)
+    if not run.onnx_file().is_file():
         from prodclass.serving.export import export_onnx
 
         export_onnx(run_dir)
-    t = pd.read_parquet(run_dir / "dataset.parquet")
+    t = pd.read_parquet(run.dataset_file)
     paths = t[t["split"] == "test"]["image_path"].tolist()[: args.images]
     for p in paths:  # warm the page cache for every backend alike
         Path(p).read_bytes()
     load0 = os.getloadavg()
 
-    backends = {"torch": Predictor.from_run(run_dir, backend="torch")}
-    t1 = Predictor.from_run(run_dir, backend="torch")
-    t1.backend = _OneThread(t1.backend, threads)
-    backends.update({"torch-1thread": t1, "onnx": Predictor.from_run(run_dir, backend="onnx")})
-    if (run_dir / INT8_FILE).is_file():
-        backends["onnx-int8"] = Predictor.from_run(run_dir, backend="onnx-int8")
+    backends = _backends(run_dir, threads)
     prep = backends["torch"].preprocessing
     res = {"run_dir": str(run_dir), "cpu": _cpu_name(), "threads": threads, "repeats": args.repeats,
            "versions": {m: __import__(m).__version__ for m in ("torch", "onnxruntime", "numpy", "PIL")}}
-
-    # FLOPs and the machine's dense FP32 rate
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        backends["torch"].model(torch.zeros(1, 3, prep.input_size, prep.input_size).contiguous(memory_format=torch.channels_last))
-    gflop = fc.get_total_flops() / 1e9
-    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    s = timed(lambda: a @ a, args.repeats + 2)
-    res["flops"] = {"gflop_per_image": round(gflop, 3), "sgemm_gflop_per_s": round(2 * 2048 ** 3 / s[0] / 1e9, 1),
-                    "sgemm_gflop_per_cpu_s": round(2 * 2048 ** 3 / s[1] / 1e9, 1)}
-
-    # preprocessing alone (one thread)
-    from prodclass.preprocess import load_image
-
-    sub = paths[:64]
-    imgs = [load_image(p) for p in sub]
-    crops = [prep.resize_crop(i) for i in imgs]
-    res["preprocess_ms_per_image"] = {
-        "decode": round(timed(lambda: [load_image(p) for p in sub], args.repeats)[0] / len(sub) * 1e3, 3),
-        "resize_crop": round(timed(lambda: [prep.resize_crop(i) for i in imgs], args.repeats)[0] / len(sub) * 1e3, 3),
-        "normalize": round(timed(lambda: [prep.normalize(c) for c in crops], args.repeats)[0] / len(sub) * 1e3, 3),
-    }
+    res["flops"], gflop = _flops(backends["torch"].model, prep.input_size, args.repeats)
+    res["preprocess_ms_per_image"] = _preprocess_ms(prep, paths[:64], args.repeats)
 
     res["compute"], res["end_to_end"] = {}, {}
     x32 = np.stack([prep(p) for p in paths[:32]])
     for name, pred in backends.items():
         for b in (1, 32):
-            x = x32[:b]
-            pred.predict_logits(x)  # warm-up: allocations, kernel selection
-            n_iter = 32 // b if b > 1 else 16
-            r = rate(b * n_iter, timed(lambda: [pred.predict_logits(x) for _ in range(n_iter)], args.repeats))
-            r["gflop_per_s"] = round(r["img_per_s"] * gflop, 1)
-            res["compute"][f"{name}/batch{b}"] = r
-            sel = paths if b == 32 else paths[: max(8, len(paths) // 4)]
-            pred.predict(sel[:b * 2], batch_size=b)
-            res["end_to_end"][f"{name}/batch{b}"] = rate(len(sel), timed(lambda: pred.predict(sel, batch_size=b), args.repeats))
-            print(f"{name:10s} batch {b:2d}: compute {res['compute'][f'{name}/batch{b}']['img_per_s']:7.1f} img/s | "
-                  f"end to end {res['end_to_end'][f'{name}/batch{b}']['img_per_s']:7.1f} img/s", flush=True)
+            compute, end_to_end = _backend_rates(pred, x32, paths, b, args.repeats, gflop)
+            res["compute"][f"{name}/batch{b}"], res["end_to_end"][f"{name}/batch{b}"] = compute, end_to_end
+            print(f"{name:10s} batch {b:2d}: compute {compute['img_per_s']:7.1f} img/s | "
+                  f"end to end {end_to_end['img_per_s']:7.1f} img/s", flush=True)
 
-    # the ONNX Runtime session choices of OnnxBackend, each against its alternative (compute only)
+    res["ort_options"] = _ort_options(run.onnx_file(), x32, threads, args.repeats)
+    print("ONNX Runtime options (compute img/s):", res["ort_options"], flush=True)
+
+    res["summary"] = _summary(res, backends, threads, gflop)
+    res["loadavg_1min"] = {"start": round(load0[0], 2), "end": round(os.getloadavg()[0], 2)}
+    write_json(args.out, res)
+    e2e = res["end_to_end"]
+    print(f"\n{'':12s}{'batch 1':>10s}{'batch 32':>10s}  img/s (img per CPU-second)   files on disk -> predictions")
+    for name in backends:
+        print(f"{name:12s}" + "".join(f"{e2e[f'{name}/batch{b}']['img_per_s']:10.1f} ({e2e[f'{name}/batch{b}']['img_per_cpu_s']:.1f})"
+                                      for b in (1, 32)))
+    print(f"summary: {res['summary']}\nload average {res['loadavg_1min']} on {threads} cores -> {args.out}")
+
+
+def _backends(run_dir: Path, threads: int) -> dict:
+    """torch (all cores), torch on one thread, ONNX Runtime and, when exported, ONNX INT8."""
+    backends = {"torch": Predictor.from_run(run_dir, backend="torch")}
+    t1 = Predictor.from_run(run_dir, backend="torch")
+    t1.backend = _OneThread(t1.backend, threads)
+    backends.update({"torch-1thread": t1, "onnx": Predictor.from_run(run_dir, backend="onnx")})
+    if RunDir(run_dir).onnx_file(int8=True).is_file():
+        backends["onnx-int8"] = Predictor.from_run(run_dir, backend="onnx-int8")
+    return backends
+
+
+def _flops(model, input_size: int, repeats: int) -> tuple[dict, float]:
+    """FLOPs per image of ``model`` and the machine's dense FP32 rate (numpy SGEMM); also the unrounded GFLOP."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.zeros(1, 3, input_size, input_size).contiguous(memory_format=torch.channels_last))
+    gflop = fc.get_total_flops() / 1e9
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    s = timed(lambda: a @ a, repeats + 2)
+    return {"gflop_per_image": round(gflop, 3), "sgemm_gflop_per_s": round(2 * 2048 ** 3 / s[0] / 1e9, 1),
+            "sgemm_gflop_per_cpu_s": round(2 * 2048 ** 3 / s[1] / 1e9, 1)}, gflop
+
+
+def _preprocess_ms(prep, sub: list, repeats: int) -> dict:
+    """Milliseconds per image of decode, resize+crop and normalise alone (one thread)."""
+    from prodclass.preprocess import load_image
+
+    imgs = [load_image(p) for p in sub]
+    crops = [prep.resize_crop(i) for i in imgs]
+    return {
+        "decode": round(timed(lambda: [load_image(p) for p in sub], repeats)[0] / len(sub) * 1e3, 3),
+        "resize_crop": round(timed(lambda: [prep.resize_crop(i) for i in imgs], repeats)[0] / len(sub) * 1e3, 3),
+        "normalize": round(timed(lambda: [prep.normalize(c) for c in crops], repeats)[0] / len(sub) * 1e3, 3),
+    }
+
+
+def _backend_rates(pred, x32: np.ndarray, paths: list, b: int, repeats: int, gflop: float) -> tuple[dict, dict]:
+    """(compute, end_to_end) rates of one predictor at batch size ``b``."""
+    x = x32[:b]
+    pred.predict_logits(x)  # warm-up: allocations, kernel selection
+    n_iter = 32 // b if b > 1 else 16
+    compute = rate(b * n_iter, timed(lambda: [pred.predict_logits(x) for _ in range(n_iter)], repeats))
+    compute["gflop_per_s"] = round(compute["img_per_s"] * gflop, 1)
+    sel = paths if b == 32 else paths[: max(8, len(paths) // 4)]
+    pred.predict(sel[:b * 2], batch_size=b)
+    return compute, rate(len(sel), timed(lambda: pred.predict(sel, batch_size=b), repeats))
+
+
+def _ort_options(onnx_path: Path, x32: np.ndarray, threads: int, repeats: int) -> dict:
+    """The ONNX Runtime session choices of OnnxBackend, each against its alternative (compute img/s)."""
     import onnxruntime as ort
 
-    res["ort_options"] = {}
+    out = {}
     for level in ("EXTENDED", "ALL"):
         for spin in (False, True):
             so = ort.SessionOptions()
             so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level}")
             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
             so.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
-            sess = ort.InferenceSession(str(run_dir / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
             for b in (1, 32):
-                x, n_iter = x32[:b], (32 // b if b > 1 else 16)
-                sess.run(None, {"images": x})
-                r = rate(b * n_iter, timed(lambda: [sess.run(None, {"images": x}) for _ in range(n_iter)], args.repeats))
-                res["ort_options"][f"opt={level},spin={int(spin)}/batch{b}"] = r["img_per_s"]
-    print("ONNX Runtime options (compute img/s):", res["ort_options"], flush=True)
+                out[f"opt={level},spin={int(spin)}/batch{b}"] = _ort_rate(sess, x32[:b], repeats)
+    return out
 
+
+def _ort_rate(sess, x: np.ndarray, repeats: int) -> float:
+    b = len(x)
+    n_iter = 32 // b if b > 1 else 16
+    sess.run(None, {"images": x})
+    return rate(b * n_iter, timed(lambda: [sess.run(None, {"images": x}) for _ in range(n_iter)], repeats))["img_per_s"]
+
+
+def _ratio(a: dict, b: dict, key: str) -> float:
+    return round(a[key] / b[key], 2)
+
+
+def _summary(res: dict, backends: dict, threads: int, gflop: float) -> dict:
+    """Ratios within this one run: ONNX vs torch, vs the spine, vs compute and the SGEMM ceiling."""
     e2e, comp = res["end_to_end"], res["compute"]
-    ratio = lambda a, b, key: round(a[key] / b[key], 2)  # noqa: E731
     best_torch = {b: max(("torch", "torch-1thread"), key=lambda n: e2e[f"{n}/batch{b}"]["img_per_s"]) for b in (1, 32)}
-    res["summary"] = {
-        name: {f"batch{b}": {"vs_torch_wall": ratio(e2e[f"{name}/batch{b}"], e2e[f"torch/batch{b}"], "img_per_s"),
-                             "vs_torch_per_cpu_s": ratio(e2e[f"{name}/batch{b}"], e2e[f"torch/batch{b}"], "img_per_cpu_s"),
-                             f"vs_best_torch_wall ({best_torch[b]})": ratio(e2e[f"{name}/batch{b}"],
-                                                                            e2e[f"{best_torch[b]}/batch{b}"], "img_per_s")}
+    summary = {
+        name: {f"batch{b}": {"vs_torch_wall": _ratio(e2e[f"{name}/batch{b}"], e2e[f"torch/batch{b}"], "img_per_s"),
+                             "vs_torch_per_cpu_s": _ratio(e2e[f"{name}/batch{b}"], e2e[f"torch/batch{b}"],
+                                                          "img_per_cpu_s"),
+                             f"vs_best_torch_wall ({best_torch[b]})": _ratio(e2e[f"{name}/batch{b}"],
+                                                                             e2e[f"{best_torch[b]}/batch{b}"],
+                                                                             "img_per_s")}
                for b in (1, 32)} for name in backends if name.startswith("onnx")}
-    res["summary"]["onnx_batch32_vs_spine_46_img_s"] = {
+    summary["onnx_batch32_vs_spine_46_img_s"] = {
         "wall": round(e2e["onnx/batch32"]["img_per_s"] / SPINE_TORCH_IMG_S, 2),
         "all_cores_estimate": round(threads * e2e["onnx/batch32"]["img_per_cpu_s"] / SPINE_TORCH_IMG_S, 2)}
-    res["summary"]["onnx_end_to_end_share_of_compute"] = ratio(e2e["onnx/batch32"], comp["onnx/batch32"], "img_per_cpu_s")
-    res["summary"]["onnx_compute_gflop_per_cpu_s"] = round(comp["onnx/batch32"]["img_per_cpu_s"] * gflop, 1)
-    res["summary"]["onnx_compute_share_of_sgemm"] = round(res["summary"]["onnx_compute_gflop_per_cpu_s"]
-                                                          / res["flops"]["sgemm_gflop_per_cpu_s"], 2)
-    res["summary"]["ceiling_img_per_s_all_cores_at_sgemm_rate"] = round(
+    summary["onnx_end_to_end_share_of_compute"] = _ratio(e2e["onnx/batch32"], comp["onnx/batch32"], "img_per_cpu_s")
+    summary["onnx_compute_gflop_per_cpu_s"] = round(comp["onnx/batch32"]["img_per_cpu_s"] * gflop, 1)
+    summary["onnx_compute_share_of_sgemm"] = round(summary["onnx_compute_gflop_per_cpu_s"]
+                                                   / res["flops"]["sgemm_gflop_per_cpu_s"], 2)
+    summary["ceiling_img_per_s_all_cores_at_sgemm_rate"] = round(
         threads * res["flops"]["sgemm_gflop_per_cpu_s"] / gflop, 1)
-    res["loadavg_1min"] = {"start": round(load0[0], 2), "end": round(os.getloadavg()[0], 2)}
-    write_json(args.out, res)
-    print(f"\n{'':12s}{'batch 1':>10s}{'batch 32':>10s}  img/s (img per CPU-second)   files on disk -> predictions")
-    for name in backends:
-        print(f"{name:12s}" + "".join(f"{e2e[f'{name}/batch{b}']['img_per_s']:10.1f} ({e2e[f'{name}/batch{b}']['img_per_cpu_s']:.1f})"
-                                      for b in (1, 32)))
-    print(f"summary: {res['summary']}\nload average {res['loadavg_1min']} on {threads} cores -> {args.out}")
+    return summary
 
 
 class _OneThread:

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from prodclass.io import write_json
+from prodclass.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def loopback_url(url: str) -> str:
 
 def sample_images(run_dir: Path, n: int = 64) -> list[tuple[str, bytes]]:
     """Up to ``n`` test-split images of the run as (file name, bytes)."""
-    t = pd.read_parquet(run_dir / "dataset.parquet", columns=["image_path", "split"])
+    t = pd.read_parquet(RunDir(run_dir).dataset_file, columns=["image_path", "split"])
     paths = [Path(p) for p in t.loc[t["split"] == "test", "image_path"].head(n)]
     return [(p.name, p.read_bytes()) for p in paths]
 

@@ -148,7 +148,7 @@ def test_image_rows_duplicates_and_listings_without_images(tmp_path):
     main_repeated = {"item_id": "B0000REP01", "main_image_id": "61r1L", "other_image_id": ["61r1L", "61r2L"]}
     again = {**main_repeated, "item_name": tag("en_US", "second copy"), "main_image_id": "61r9L"}
     df = read_abo(write_abo(tmp_path, [[only_others, no_images, main_repeated], [again]]))
-    assert list(zip(df["item_id"], df["image_id"], df["is_main_image"])) == [
+    assert list(zip(df["item_id"], df["image_id"], df["is_main_image"], strict=True)) == [
         ("B0000OTHR1", "51o1L", False), ("B0000OTHR1", "51o2L", False),
         ("B0000REP01", "61r1L", True), ("B0000REP01", "61r2L", False),
     ]  # first listing of a repeated item_id wins (listings_0 before listings_1)

@@ -86,7 +86,7 @@ def test_missing_files_and_bad_split(tmp_path):
         read_fashion_mnist(idx, split="val", cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.skipif(not DEFAULT_DIR.is_dir(), reason=f"needs Debian's dataset-fashion-mnist ({DEFAULT_DIR})")
+@pytest.mark.system_package("dataset-fashion-mnist", DEFAULT_DIR)
 def test_real_train_split():
     """Full real train split, rendered into the default cache (~10 s the first time, ~0.5 s after)."""
     df = read_fashion_mnist(split="train")

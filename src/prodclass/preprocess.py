@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Union
 
 import numpy as np

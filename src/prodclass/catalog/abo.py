@@ -91,8 +91,27 @@ def read_abo(
     if not listing_files:
         raise CatalogError(f"{root}: no listings/metadata/listings_*.json.gz (is this an ABO root?)")
     paths = _read_image_paths(root / "images" / "metadata" / "images.csv.gz")
-    small = f"{root}/images/small/"
-    prefs = (language, *fallback)
+    rows, n_dup, n_missing = _listing_rows(listing_files, paths, f"{root}/images/small/", (language, *fallback),
+                                           extra_fields, on_missing_image)
+    if n_dup:
+        log.info("%s: %d repeated item_id(s) skipped (first listing kept)", root, n_dup)
+    if n_missing:
+        log.warning("%s: %d image id(s) not in images.csv.gz skipped", root, n_missing)
+    columns = ["item_id", "image_id", "image_path", "is_main_image", "product_type", *SINGLE_FIELDS,
+               *JOINED_FIELDS, "node_path", "language", *extra_fields]
+    df = validate_catalog(pd.DataFrame(rows, columns=columns), source=str(root), check_files=check_files)
+    df.attrs.update(duplicate_items=n_dup, missing_images=n_missing)
+    return df
+
+
+def _listing_rows(listing_files: list[Path], paths: dict[str, str], small: str, prefs: tuple[str, ...],
+                  extra_fields: list[str], on_missing_image: str) -> tuple[list[dict[str, Any]], int, int]:
+    """One row per (listing, image) in file and line order; ``(rows, repeated items, missing image ids)``.
+
+    Raises:
+        CatalogError: a listing without ``item_id``, or (``on_missing_image="error"``) an image
+            id absent from ``images.csv.gz`` (names file, line and id).
+    """
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     n_dup = n_missing = 0
@@ -108,31 +127,18 @@ def read_abo(
             main = obj.get("main_image_id")
             images = dict.fromkeys([main] if main else [])
             images.update(dict.fromkeys(obj.get("other_image_id") or []))
-            if not images:
-                continue
-            fields = _listing_fields(obj, prefs, extra_fields)
+            fields = _listing_fields(obj, prefs, extra_fields) if images else {}
             for image_id in images:
                 rel = paths.get(image_id)
-                if rel is None:
-                    if on_missing_image == "skip":
-                        n_missing += 1
-                        continue
+                if rel is None and on_missing_image == "skip":
+                    n_missing += 1
+                elif rel is None:
                     raise CatalogError(
-                        f"{lf}:{lineno}: item {item_id}: image id {image_id!r} not in images/metadata/images.csv.gz"
-                    )
-                rows.append(
-                    {"item_id": item_id, "image_id": image_id, "image_path": small + rel,
-                     "is_main_image": image_id == main, **fields}
-                )
-    if n_dup:
-        log.info("%s: %d repeated item_id(s) skipped (first listing kept)", root, n_dup)
-    if n_missing:
-        log.warning("%s: %d image id(s) not in images.csv.gz skipped", root, n_missing)
-    columns = ["item_id", "image_id", "image_path", "is_main_image", "product_type", *SINGLE_FIELDS,
-               *JOINED_FIELDS, "node_path", "language", *extra_fields]
-    df = validate_catalog(pd.DataFrame(rows, columns=columns), source=str(root), check_files=check_files)
-    df.attrs.update(duplicate_items=n_dup, missing_images=n_missing)
-    return df
+                        f"{lf}:{lineno}: item {item_id}: image id {image_id!r} not in images/metadata/images.csv.gz")
+                else:
+                    rows.append({"item_id": item_id, "image_id": image_id, "image_path": small + rel,
+                                 "is_main_image": image_id == main, **fields})
+    return rows, n_dup, n_missing
 
 
 def _read_image_paths(path: Path) -> dict[str, str]:
@@ -147,7 +153,7 @@ def _read_image_paths(path: Path) -> dict[str, str]:
     if missing:
         raise CatalogError(f"{path}: lacks column(s) {sorted(missing)}; has {list(meta.columns)}")
     meta = meta.drop_duplicates("image_id")
-    return dict(zip(meta["image_id"].tolist(), meta["path"].tolist()))
+    return dict(zip(meta["image_id"].tolist(), meta["path"].tolist(), strict=True))
 
 
 def _json_lines(path: Path):
@@ -205,6 +211,6 @@ def _pick(entries: list[dict], prefs: Sequence[str]) -> tuple[str | None, list[s
     for i, pattern in enumerate(prefs):
         tag = next((t for t in tags if (t == pattern if i == 0 else fnmatchcase(t, pattern))), None)
         if tag is not None:
-            values = [e.get("value") for e, t in zip(entries, tags) if t == tag]
+            values = [e.get("value") for e, t in zip(entries, tags, strict=True) if t == tag]
             return tag, [str(v) for v in values if v not in ("", None)]
     return None, []

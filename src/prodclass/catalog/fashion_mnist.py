@@ -25,6 +25,7 @@ import pandas as pd
 
 from prodclass.config import resolve_cache_dir
 from prodclass.io import file_sha1
+
 from . import CatalogError, validate_catalog
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
