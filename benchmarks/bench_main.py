@@ -39,6 +39,7 @@ def main() -> None:
     out = {
         "config": os.path.relpath(args.config, ROOT), "cache": "warm" if args.warm else "empty",
         "test_accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
+        "test_correct": round(m["accuracy"] * m["n"]), "test_n": m["n"], "macro_f1_full": m["macro_f1"],
         "top5_accuracy": round(m.get("top5_accuracy", float("nan")), 4),
         "num_classes": m["num_classes"], "num_images": m["num_images"], "split_sizes": m["split_sizes"],
         "wall_seconds": round(wall, 1), "embedding_images_per_s": m["embedding"]["images_per_s"],
