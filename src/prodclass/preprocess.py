@@ -22,6 +22,10 @@ ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 # A decompression-bomb guard: 64 megapixels is far above any catalog photo (ABO full size is
 # at most 1024 px per side) yet keeps one decoded image under ~200 MB.
 MAX_PIXELS = 64_000_000
+# The resize before the center crop creates at most this many times the network's input pixels
+# (16 × 224² RGB is 2.4 MB); a more elongated image has only its crop region resampled
+# (:meth:`Preprocessing.resize_crop`), so a tiny W×1 PNG cannot make a (224·W)×224 intermediate.
+MAX_RESIZE_FACTOR = 16
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -102,13 +106,29 @@ class Preprocessing:
     interpolation: str = "bicubic"
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
-        """Resize the shorter side to ``resize_size`` and center-crop ``input_size``."""
+        """Resize the shorter side to ``resize_size`` and center-crop ``input_size``.
+
+        The whole image is resized, then cropped, as long as the resized image has at most
+        :data:`MAX_RESIZE_FACTOR` × ``input_size``² pixels (aspect ratios up to about 16:1 when
+        ``resize_size == input_size``): the path every published model was trained and evaluated
+        with. Beyond that (e.g. a 30000×1 PNG, whose full resize would be 6.7 M × 224 pixels,
+        4.5 GB) only the center-crop region is resampled, with Pillow's ``resize(box=...)``
+        (same geometry and filter; pixels may differ from the full resize by 1/255 through
+        floating-point rounding), so no image ever allocates more than that bound.
+
+        Returns:
+            An RGB ``PIL.Image`` of ``input_size`` × ``input_size`` pixels.
+        """
         w, h = img.size
         scale = self.resize_size / min(w, h)
         nw, nh = max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale))
+        left, top = (nw - self.input_size) // 2, (nh - self.input_size) // 2
+        if nw * nh > MAX_RESIZE_FACTOR * self.input_size**2:
+            sx, sy = w / nw, h / nh  # source pixels per resized pixel
+            box = (left * sx, top * sy, min(w, (left + self.input_size) * sx), min(h, (top + self.input_size) * sy))
+            return img.resize((self.input_size, self.input_size), _RESAMPLE[self.interpolation], box=box)
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
-        left, top = (nw - self.input_size) // 2, (nh - self.input_size) // 2
         if (nw, nh) != (self.input_size, self.input_size):
             img = img.crop((left, top, left + self.input_size, top + self.input_size))
         return img
