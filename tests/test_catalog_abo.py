@@ -184,3 +184,18 @@ def test_missing_image_file_and_layout_errors(tmp_path):
     (root / "images" / "metadata" / "images.csv.gz").unlink()
     with pytest.raises(CatalogError, match="images.csv.gz"):
         read_abo(root)
+
+
+def test_image_metadata_is_read_strictly(tmp_path):
+    """A short row of images.csv.gz used to give a NaN path (a TypeError later); now it is an
+    error naming the file and line."""
+    root = write_abo(tmp_path / "abo", [[FULL]])
+    meta = root / "images" / "metadata" / "images.csv.gz"
+    lines = gzip.decompress(meta.read_bytes()).decode().splitlines()
+    image_id = lines[2].split(",")[0]
+    meta.write_bytes(gzip.compress("\n".join([*lines[:2], f"{image_id},6,8", *lines[3:]]).encode() + b"\n"))
+    with pytest.raises(CatalogError, match=r"images\.csv\.gz: line 3, column 'path': missing; 3 fields"):
+        read_abo(root)
+    meta.write_bytes(b"not gzip data")
+    with pytest.raises(CatalogError, match=r"images\.csv\.gz: cannot read"):
+        read_abo(root)

@@ -78,3 +78,37 @@ def test_cli_reports_bad_column_in_one_line(tmp_path, data_root):
     assert out.returncode == 2
     err = out.stderr.strip()
     assert err.count("\n") == 0 and "'title'" in err and "catalog.csv" in err
+
+
+def test_resume_of_a_finished_run_is_refused(tiny_run, tmp_path, data_root, monkeypatch):
+    """Issue 16, finding 11: `run --resume` on a finished run retrained it and replaced its model
+    (the served model changed); now it is refused in one line unless --force."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import prodclass.pipeline as pipeline
+    from prodclass.cli import app
+    from prodclass.config import validate_config
+    from prodclass.runs import RunDirError
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    weights = (run / "model.safetensors").read_bytes()
+    cli = ["run", "--resume", str(run), "--data-root", str(data_root), "--quiet"]
+    r = CliRunner().invoke(app, cli)
+    err = r.stderr.strip()
+    assert r.exit_code == 2 and "\n" not in err and "Traceback" not in r.output, r.output
+    assert f"{run / 'metrics.json'}: the run in {run} is finished" in err and "--force" in err
+    assert (run / "model.safetensors").read_bytes() == weights
+    cfg = validate_config(yaml.safe_load((run / "config.yaml").read_text()))
+    with pytest.raises(RunDirError, match="is finished"):
+        pipeline.run(cfg, data_root, run_dir=run, resume=True, progress=False, echo=lambda *_: None)
+
+    def first_stage(*_args):
+        raise RuntimeError("first stage reached")
+
+    monkeypatch.setattr(pipeline, "_curated", first_stage)  # --force passes the check; stop before training
+    r = CliRunner().invoke(app, [*cli, "--force"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: first stage reached"
+    r = CliRunner().invoke(app, ["run", str(run / "config.yaml"), "--force"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: --force goes with --resume RUN_DIR"

@@ -30,7 +30,7 @@ from prodclass.features.embeddings import EmbeddingCache, embed_images
 from prodclass.models.heads import Classifier, create_head
 from prodclass.models.serialization import save_classifier
 from prodclass.models.train import train_head
-from prodclass.runs import RunDir
+from prodclass.runs import RunDir, RunDirError
 from prodclass.serving.predictor import Predictor
 
 
@@ -56,7 +56,7 @@ class Evaluation:
 
 
 def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: bool = True, echo=print,
-        resume: bool = False) -> RunResult:
+        resume: bool = False, force: bool = False) -> RunResult:
     """Train and evaluate a classifier as ``cfg`` describes.
 
     Args:
@@ -66,6 +66,8 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
         progress: show progress bars.
         echo: where one-line status messages go.
         resume: continue the killed run in ``run_dir`` (its stored split and fine-tuning checkpoint).
+        force: with ``resume``, also retrain a finished run, replacing its model; without it such
+            a run is refused before any work (see :func:`_refuse_finished`).
 
     Returns:
         :class:`RunResult` with the run directory, test metrics and the per-class table.
@@ -73,8 +75,10 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     Raises:
         prodclass.catalog.CatalogError, prodclass.curate.rules.CurationError,
         prodclass.preprocess.ImageError, prodclass.runs.RunDirError: bad input (the message
-        names the file/row/class).
+        names the file/row/class); RunDirError also for ``resume`` of a finished run without ``force``.
     """
+    if resume and run_dir and not force:
+        _refuse_finished(RunDir(run_dir))
     t_start = time.perf_counter()
     if cfg.embed.num_threads:
         torch.set_num_threads(cfg.embed.num_threads)
@@ -94,6 +98,19 @@ def run(cfg: RunConfig, data_root: Path, run_dir: Path | None = None, progress: 
     run.write_report(render_report(_report_inputs(run, cfg, dataset, ev, metrics, history)))
     _echo_summary(echo, run, ev)
     return RunResult(run_dir=run.path, metrics=metrics, per_class=ev.per_class)
+
+
+def _refuse_finished(run: RunDir) -> None:
+    """Raise :class:`RunDirError` if ``run`` is finished: its test metrics record exists and no
+    fine-tuning checkpoint waits to be continued (the checkpoint is removed before the metrics are
+    written, so a finished run has none; a ``force`` retrain killed in fine-tuning leaves one, and
+    is resumed without ``force``). Resuming a finished run would retrain it and replace the model
+    that is being served.
+    """
+    if run.metrics_file.is_file() and not run.finetune_checkpoint.is_file():
+        raise RunDirError(f"{run.metrics_file}: the run in {run.path} is finished (its test metrics exist); "
+                          "resuming continues only a killed run. Retraining would replace its model: pass "
+                          "force=True (`prodclass run --resume RUN_DIR --force`) to do that")
 
 
 def _curated(cfg: RunConfig, data_root: Path, echo) -> Dataset:

@@ -49,30 +49,47 @@ def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
         ImageError: missing/empty/truncated/non-image file, or too many pixels.
     """
     name = _name(src)
-    if isinstance(src, Image.Image):
-        img = src
-    else:
-        try:
-            if isinstance(src, (bytes, bytearray, memoryview)):
-                if len(src) == 0:
-                    raise ImageError(f"{name}: empty file (0 bytes)")
-                img = Image.open(io.BytesIO(src))
-            else:
-                if os.path.getsize(src) == 0:
-                    raise ImageError(f"{name}: empty file (0 bytes)")
-                img = Image.open(src)
-            if img.width * img.height > max_pixels:
-                raise ImageError(f"{name}: {img.width}x{img.height} has more than {max_pixels} pixels")
-            img.load()
-        except ImageError:
-            raise
-        except FileNotFoundError:
-            raise ImageError(f"{name}: file does not exist") from None
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{name}: {e}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{name}: not a readable image ({e})") from None
-    return to_rgb(ImageOps.exif_transpose(img))
+    img = src if isinstance(src, Image.Image) else _decode(src, name, max_pixels)
+    return to_rgb(_upright(img))
+
+
+def _decode(src: ImageSource, name: str, max_pixels: int) -> Image.Image:
+    """Open and fully decode a path or bytes; every failure becomes an :class:`ImageError` naming ``name``.
+
+    Pillow's decoders raise more than ``OSError`` on hostile input (found by fuzzing with
+    Hypothesis: ``NotImplementedError`` from DDS, ``IndexError`` from QOI, ``AttributeError``
+    from SPIDER headers), so anything but our own error and a missing file is reported as unreadable.
+    """
+    try:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            if len(src) == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+            img = Image.open(io.BytesIO(src))
+        else:
+            if os.path.getsize(src) == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+            img = Image.open(src)
+        if img.width * img.height > max_pixels:
+            raise ImageError(f"{name}: {img.width}x{img.height} has more than {max_pixels} pixels")
+        img.load()
+        return img
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: {e}") from None
+    except Exception as e:  # noqa: BLE001  (any decoder failure is a per-image error, never a crash)
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` rotated upright by its EXIF orientation; a malformed EXIF block leaves it as it is
+    (the pixels decoded fine, and Pillow parses the block only here)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001  (e.g. SyntaxError "not a TIFF file" from a bad eXIf chunk)
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -20,6 +20,7 @@ images; missing files are reported here, corrupt ones when an image is first dec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -32,13 +33,16 @@ class CatalogError(ValueError):
     """A catalog that cannot be read; the message names the file, row and what is wrong."""
 
 
-def validate_catalog(df: pd.DataFrame, source: str, check_files: bool = True) -> pd.DataFrame:
+def validate_catalog(df: pd.DataFrame, source: str, check_files: bool = True,
+                     lines: Sequence[int] | None = None) -> pd.DataFrame:
     """Check and normalise a Catalog table.
 
     Args:
         df: one row per image with at least :data:`REQUIRED_COLUMNS`.
         source: file or folder the rows came from (used in error messages).
         check_files: also check that every ``image_path`` exists.
+        lines: for a table read from a text file, the 1-based line each row starts on; error
+            messages then give it after the 0-based row number (``row 1: ... (line 3)``).
 
     Returns:
         A copy with string ids, boolean ``is_main_image``, a fresh RangeIndex.
@@ -51,18 +55,23 @@ def validate_catalog(df: pd.DataFrame, source: str, check_files: bool = True) ->
     if missing:
         raise CatalogError(f"{source}: catalog lacks required column(s) {missing}; has {list(df.columns)}")
     df = df.reset_index(drop=True).copy()
+
+    def at(row: int) -> str:
+        return f" (line {lines[row]})" if lines is not None and row < len(lines) else ""
+
     for col in ("item_id", "image_id", "image_path"):
         empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
         if empty.any():
             row = int(empty.idxmax())
-            raise CatalogError(f"{source}: row {row}: empty {col}")
+            raise CatalogError(f"{source}: row {row}: empty {col}{at(row)}")
         df[col] = df[col].astype(str)
     df["is_main_image"] = df["is_main_image"].astype(bool)
     dup = df.duplicated(["item_id", "image_id"])
     if dup.any():
         row = int(dup.idxmax())
         raise CatalogError(
-            f"{source}: row {row}: item_id={df.at[row, 'item_id']!r} image_id={df.at[row, 'image_id']!r} appears twice"
+            f"{source}: row {row}: item_id={df.at[row, 'item_id']!r} image_id={df.at[row, 'image_id']!r} "
+            f"appears twice{at(row)}"
         )
     if check_files:
         exists = df["image_path"].map(lambda p: Path(p).is_file())
@@ -70,7 +79,7 @@ def validate_catalog(df: pd.DataFrame, source: str, check_files: bool = True) ->
             row = int((~exists).idxmax())
             n = int((~exists).sum())
             raise CatalogError(
-                f"{source}: row {row}: image file {df.at[row, 'image_path']} does not exist"
+                f"{source}: row {row}: image file {df.at[row, 'image_path']} does not exist{at(row)}"
                 + (f" ({n} missing in all)" if n > 1 else "")
             )
     return df

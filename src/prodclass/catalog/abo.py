@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from . import CatalogError, validate_catalog
+from .csvfile import read_csv_records
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +143,29 @@ def _listing_rows(listing_files: list[Path], paths: dict[str, str], small: str, 
 
 
 def _read_image_paths(path: Path) -> dict[str, str]:
-    """``image_id`` → path relative to ``images/small`` from ABO's ``images.csv.gz``."""
+    """``image_id`` → path relative to ``images/small`` from ABO's ``images.csv.gz``.
+
+    Read strictly (:func:`prodclass.catalog.csvfile.read_csv_records`): a ragged row, bytes that
+    are not UTF-8 or an empty ``image_id``/``path`` cell is an error naming the file and line.
+
+    Raises:
+        CatalogError: the file is missing, unreadable or malformed, or lacks ``image_id``/``path``.
+    """
     if not path.is_file():
         raise CatalogError(f"{path}: ABO image metadata does not exist")
-    try:
-        meta = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:  # gzip/csv errors come in many types
-        raise CatalogError(f"{path}: cannot read image metadata: {e}") from e
-    missing = {"image_id", "path"} - set(meta.columns)
+    columns, records = read_csv_records(path)
+    missing = {"image_id", "path"} - set(columns)
     if missing:
-        raise CatalogError(f"{path}: lacks column(s) {sorted(missing)}; has {list(meta.columns)}")
-    meta = meta.drop_duplicates("image_id")
-    return dict(zip(meta["image_id"].tolist(), meta["path"].tolist(), strict=True))
+        raise CatalogError(f"{path}: lacks column(s) {sorted(missing)}; has {columns}")
+    i_id, i_path = columns.index("image_id"), columns.index("path")
+    out: dict[str, str] = {}
+    for r in records:
+        error = r.error or next((f"line {r.line}, column {c!r}: empty" for c, i in (("image_id", i_id), ("path", i_path))
+                                 if not r.cells[i].strip()), None)
+        if error:
+            raise CatalogError(f"{path}: {error}")
+        out.setdefault(r.cells[i_id], r.cells[i_path])  # a repeated image id: the first row wins
+    return out
 
 
 def _json_lines(path: Path):
