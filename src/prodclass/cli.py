@@ -304,6 +304,7 @@ def compare(
 
 
 @app.command()
+@_user_errors
 def serve(
     run_dir: Path = typer.Argument(..., help="A run directory written by `prodclass run`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
@@ -334,11 +335,8 @@ def serve(
     limits = {"max_body_bytes": None if max_body_mb is None else int(max_body_mb * 1024 * 1024),
               "max_pixels": max_pixels, "max_files": max_files, "max_request_pixels": max_request_pixels,
               "max_concurrent": max_concurrent, "read_timeout": read_timeout, "max_connections": max_connections}
-    try:
-        run_server(run_dir, host=host, port=port, backend=backend, api_key=api_key, cors_origins=tuple(cors_origin),
-                   **{k: v for k, v in limits.items() if v is not None})
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    run_server(_open_run(run_dir, "serve").path, host=host, port=port, backend=backend, api_key=api_key,
+               cors_origins=tuple(cors_origin), **{k: v for k, v in limits.items() if v is not None})
 
 
 @app.command()
