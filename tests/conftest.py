@@ -124,3 +124,15 @@ def tiny_run(tmp_path_factory) -> Path:
     csv = make_tiny_catalog(root, base / "catalog")
     cfg = validate_config(tiny_config(root, csv, base / "cache"))
     return run(cfg, root, run_dir=base / "run", progress=False, echo=lambda *_: None).run_dir
+
+
+def stop_process(proc) -> None:
+    """Terminate a server subprocess started by a test; kill it if it has not exited in 20 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
+from conftest import stop_process
 from prodclass.serving.api import MAX_FILES, create_app
 from prodclass.serving.predictor import Predictor
 from test_serve import _free_port, assert_error, png_header
@@ -274,10 +275,5 @@ def test_real_server_drops_slow_clients(tiny_run, image, tmp_path):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://b.example"
         assert "5000000 pixels per request" in httpx.get(f"{url}/openapi.json").json()["info"]["description"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()

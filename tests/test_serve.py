@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import stop_process
 from prodclass.io import read_json
 from prodclass.serving.api import create_app
 from prodclass.serving.predictor import Predictor
@@ -237,12 +238,7 @@ def test_real_uvicorn_server(tiny_run, test_images, tmp_path):
             r = http.post("/v1/predict", files=[("files", ("big.jpg", bytes(300_000), "image/jpeg"))])
             assert_error(r, 413, "over the limit")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
