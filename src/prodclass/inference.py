@@ -166,7 +166,7 @@ def iter_outputs(backend: Backend, images: Sequence[ImageSource], preprocessing:
     Raises:
         prodclass.preprocess.ImageError: with ``strict``, an image that cannot be decoded.
     """
-    decode = _strict_decoder(preprocessing) if strict else _safe_decoder(preprocessing)
+    decode = preprocessing if strict else _safe_decoder(preprocessing)
     batches = [range(s, min(s + batch_size, len(images))) for s in range(0, len(images), batch_size)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = [pool.map(decode, [images[i] for i in b]) for b in batches[:2]]
@@ -212,10 +212,6 @@ def _run_batch(backend: Backend, index: np.ndarray, arrays: list) -> BatchOutput
     out = np.full((len(arrays), *y.shape[1:]), np.nan, np.float32)
     out[ok] = y
     return BatchOutput(index, out, errors)
-
-
-def _strict_decoder(prep: Preprocessing):
-    return prep
 
 
 def _safe_decoder(prep: Preprocessing):

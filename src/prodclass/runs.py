@@ -29,7 +29,6 @@ the old file with ``torch.load(weights_only=True)``, which only rebuilds tensors
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import platform
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from prodclass.io import read_json, save_figure, write_bytes, write_dataframe, write_json, write_text
+from prodclass.io import read_json, save_figure, save_torch, write_bytes, write_dataframe, write_json, write_text
 
 MODEL_FORMAT = "prodclass-model"
 FORMAT_VERSION = 2
@@ -301,11 +300,7 @@ class RunDir:
 
     def save_checkpoint(self, path: Path, ckpt: dict) -> None:
         """Atomically ``torch.save`` a resume checkpoint (only for ``finetune_checkpoint``/``head_checkpoint``)."""
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(ckpt, buf)
-        write_bytes(path, buf.getvalue())
+        save_torch(path, ckpt)
 
     def load_checkpoint(self, path: Path, map_location="cpu") -> dict:
         """Read a resume checkpoint with ``torch.load(weights_only=True)`` (no code can run).

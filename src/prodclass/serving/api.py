@@ -222,17 +222,6 @@ def classify_checked(predictor, blobs: list[bytes], names: list[str], top_k: int
     return out
 
 
-def classify_uploads(predictor, blobs: list[bytes], names: list[str], top_k: int,
-                     max_pixels: int, max_request_pixels: int = MAX_REQUEST_PIXELS) -> list[ImagePrediction]:
-    """:func:`check_uploads`, then :func:`classify_checked`.
-
-    Raises:
-        HTTPException: 413/415/422 for the first bad upload (named in the message), 413 for the request.
-    """
-    check_uploads(blobs, names, max_pixels, max_request_pixels)
-    return classify_checked(predictor, blobs, names, top_k)
-
-
 class BodyLimit:
     """ASGI middleware: a JSON 413 for a request body over ``max_bytes`` bytes.
 

@@ -57,7 +57,7 @@ def export_onnx(run_dir: str | Path, opset: int = 17, parity_images: int = 32, i
     torch_pred = Predictor.from_run(run, backend="torch")
     data = _onnx_bytes(torch_pred, opset)
     onnx_pred = Predictor(OnnxBackend(data), torch_pred.classes, torch_pred.preprocessing, torch_pred.temperature)
-    paths = _split_rows(run, "test", parity_images or 0)["image_path"].tolist() if parity_images else []
+    paths = _split_rows(run.read_dataset()[0], "test", parity_images)["image_path"].tolist() if parity_images else []
     diff, agree, n = _parity(torch_pred, onnx_pred, paths)
     if diff >= PARITY_TOL or agree < 1.0:
         raise ExportError(f"{run.path}: ONNX export differs from torch on {n} images: max |Δp| = {diff:.2e} "
@@ -121,10 +121,11 @@ def quantize_int8(run: RunDir | str | Path, sidecar: dict, calibration_images: i
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
     fp32 = Predictor.from_onnx(run.onnx_file())
-    calib = _split_rows(run, "train", calibration_images)["image_path"].tolist()
+    table = run.read_dataset()[0]
+    calib = _split_rows(table, "train", calibration_images)["image_path"].tolist()
     data = _quantized(run.onnx_file(), np.stack([fp32.preprocessing(p) for p in calib]))
     q = Predictor(OnnxBackend(data), fp32.classes, fp32.preprocessing, fp32.temperature)
-    test = _split_rows(run, "test")
+    test = _split_rows(table, "test")
     yt = test["label"].map({c: i for i, c in enumerate(fp32.classes)}).to_numpy()
     p32 = softmax(fp32.logits(test["image_path"].tolist())[0], fp32.temperature)
     p8 = softmax(q.logits(test["image_path"].tolist())[0], q.temperature)
@@ -161,10 +162,9 @@ def _quantized(onnx_file: Path, calibration: np.ndarray) -> bytes:
         return out.read_bytes()
 
 
-def _split_rows(run: RunDir, split: str, n: int | None = None):
-    """Rows of a stored split; ``n`` evenly spaced ones (the table is sorted by class, so this
-    spreads them over classes)."""
-    table = run.read_dataset()[0]
+def _split_rows(table, split: str, n: int | None = None):
+    """Rows of one split of the stored dataset table; ``n`` evenly spaced ones (the table is sorted
+    by class, so this spreads them over classes)."""
     t = table[table["split"] == split].reset_index(drop=True)
     if n is not None and n < len(t):
         t = t.iloc[np.unique(np.linspace(0, len(t) - 1, n).round().astype(int))].reset_index(drop=True)
